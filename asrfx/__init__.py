@@ -1,0 +1,30 @@
+"""asrfx: inference-cost-free channel attention (ASR) as torch.fx passes.
+
+Detect channel-attention blocks in any traced model by graph structure::
+
+    sites = asrfx.find_attention(model, example_inputs=(torch.randn(1, 3, 224, 224),))
+    print(sites)
+"""
+
+from .api import find_attention
+from .errors import AsrfxError, TracingError
+from .report import SiteTable
+from .site import Absorption, AttentionSite, Combine, GateUse, LeafRecord, Rejection, SiteKind
+from .tracing import trace
+
+__all__ = [
+    "find_attention",
+    "trace",
+    "SiteTable",
+    "AttentionSite",
+    "GateUse",
+    "Absorption",
+    "Rejection",
+    "LeafRecord",
+    "SiteKind",
+    "Combine",
+    "AsrfxError",
+    "TracingError",
+]
+
+__version__ = "0.1.0"

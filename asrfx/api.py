@@ -1,0 +1,140 @@
+"""The public entry points, each a short table of named steps."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .detect import detect
+from .errors import AsrfxError, TracingError
+from .ops import node_shape
+from .report import SiteTable
+from .site import LeafRecord
+from .tracing import as_input_tuple, propagate_shapes, trace
+
+__all__ = ["find_attention"]
+
+
+def find_attention(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> SiteTable:
+    """Find every channel-attention block of ``model`` by graph structure.
+
+    Args:
+        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule``.
+        example_inputs: a tensor or tuple of inputs; shapes come from them. May be
+            omitted for a GraphModule whose nodes already carry shape metadata.
+        leaf_modules: module paths or classes to keep as single calls when tracing.
+        concrete_args: passed to torch.fx for flags of the model's forward.
+
+    Returns a :class:`SiteTable` (a sequence of :class:`AttentionSite`). The model
+    is not modified.
+    """
+    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = traced.gm
+    if isinstance(model, fx.GraphModule):  # never write metadata into the caller's graph
+        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+    inputs = as_input_tuple(example_inputs)
+    if inputs:
+        propagate_shapes(gm, inputs)
+    elif not _has_shapes(gm):
+        raise AsrfxError(
+            f"find_attention needs the shapes of {type(model).__name__}'s tensors: pass "
+            "example_inputs=(torch.randn(1, 3, 224, 224),) (any batch size and resolution the "
+            "model accepts), or a GraphModule whose nodes carry shape metadata."
+        )
+    _check_leaves(model, gm, traced.leaves)
+    found = detect(gm)
+    return SiteTable(
+        sites=tuple(found.sites),
+        rejections=tuple(found.rejections),
+        leaves=traced.leaves,
+        graph_module=gm,
+        model_name=type(model).__name__,
+    )
+
+
+def _has_shapes(gm: fx.GraphModule) -> bool:
+    return any(node_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def _check_leaves(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord, ...]) -> None:
+    """Refuse when a submodule kept as a single call holds attention inside it.
+
+    The leaf itself cannot be traced, but its children may be: each child is run
+    on inputs shaped like the ones the leaf receives and searched for attention.
+    """
+    for leaf in leaves:
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf.path]
+        module = model.get_submodule(leaf.path)
+        children = [(name, c) for name, c in module.named_children() if _may_hold_attention(c)]
+        if not calls or not children:
+            continue
+        inputs = _random_like(calls[0].args)
+        if inputs is None:
+            continue
+        for name, child_inputs in _child_inputs(module, inputs, dict(children)).items():
+            child = module.get_submodule(name)
+            try:
+                found = find_attention(child, child_inputs)
+            except TracingError:
+                continue  # the child reports its own failures when it is traced alone
+            if len(found):
+                raise TracingError(
+                    f"module '{leaf.path}' ({leaf.module_type}) cannot be traced ({leaf.reason}), "
+                    f"and it contains attention at '{leaf.path}.{name}"
+                    f"{'.' + found[0].module_path if found[0].module_path else ''}' "
+                    f"({found[0].kind}). asrfx never hides attention inside an untraceable module.\n"
+                    "  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
+                )
+
+
+def _may_hold_attention(module: nn.Module) -> bool:
+    """torch.nn's own layers cannot; containers and user modules may."""
+    own = type(module).__module__.startswith("torch.nn") and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    return not own
+
+
+def _random_like(args) -> tuple | None:
+    values = []
+    for a in args:
+        if isinstance(a, fx.Node):
+            meta = a.meta.get("tensor_meta")
+            if meta is None or not hasattr(meta, "shape"):
+                return None
+            if meta.dtype.is_floating_point:
+                values.append(torch.randn(meta.shape, dtype=meta.dtype))
+            else:
+                values.append(torch.zeros(meta.shape, dtype=meta.dtype))
+        else:
+            values.append(a)
+    return tuple(values)
+
+
+def _child_inputs(module: nn.Module, inputs: tuple, children: dict[str, nn.Module]) -> dict[str, tuple]:
+    """Run a copy of ``module`` and record the first positional inputs of each child."""
+    probe = copy.deepcopy(module).eval()
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for name in children:
+        def hook(_mod, args, _name=name):
+            seen.setdefault(_name, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        hooks.append(probe.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            probe(*inputs)
+    except Exception:
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

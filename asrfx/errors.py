@@ -1,0 +1,13 @@
+"""Errors asrfx raises; each message names the node or module and says what to do."""
+
+from __future__ import annotations
+
+__all__ = ["AsrfxError", "TracingError"]
+
+
+class AsrfxError(Exception):
+    """Base class of every error asrfx raises on bad input."""
+
+
+class TracingError(AsrfxError):
+    """A model (or a part of it) cannot be traced or shape-propagated."""

@@ -1,0 +1,235 @@
+"""The op vocabulary: what a torch.fx node computes, in one canonical name.
+
+torch.fx spells the same operation many ways (``operator.mul``, ``torch.mul``,
+``Tensor.mul``, ``mul_``, ``nn.ReLU`` vs ``F.relu`` ...). Every analysis in asrfx
+asks :func:`op_of` instead of looking at targets, so each spelling is handled once.
+Names describe *operations* of torch and torch.nn, never user classes: detection
+must work on attention code nobody has seen before.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = [
+    "Op",
+    "op_of",
+    "node_shape",
+    "node_shapes",
+    "is_tensor_node",
+    "REDUCTIONS",
+    "POOLS",
+    "CONTRACTIONS",
+    "RESHAPES",
+    "BROADCASTS",
+    "COMBINE_MUL",
+    "COMBINE_ADD",
+    "SHAPE_QUERIES",
+    "SHAPE_ONLY_OPERAND",
+    "data_inputs",
+    "is_shape_query",
+]
+
+
+@dataclass(frozen=True)
+class Op:
+    """A node's operation in canonical form."""
+
+    name: str  # canonical name, e.g. "mul", "mean", "adaptive_avg_pool", "conv", "view"
+    module: nn.Module | None = None  # the called module, for call_module nodes
+    dims: int = 0  # spatial rank for conv/pool ops (2 for conv2d), else 0
+
+
+# Reductions whose `dim` argument says which axes disappear.
+REDUCTIONS = frozenset(
+    {"mean", "sum", "nansum", "nanmean", "amax", "amin", "max", "min", "std", "var",
+     "std_mean", "var_mean", "logsumexp", "norm", "vector_norm", "prod"}
+)
+# Pooling windows; "adaptive_*" pool to a fixed output grid whatever the input size.
+POOLS = frozenset(
+    {"adaptive_avg_pool", "adaptive_max_pool", "avg_pool", "max_pool", "lp_pool"}
+)
+# Ops that contract an axis of a data tensor against another tensor (GC's attention pooling).
+CONTRACTIONS = frozenset({"matmul", "bmm", "mm", "einsum"})
+# Ops that only re-arrange elements; tags follow sizes (see layout.py).
+RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+# Ops that broadcast a tensor to a bigger shape without changing what it holds.
+BROADCASTS = frozenset({"expand", "expand_as", "broadcast_to", "contiguous", "clone", "repeat", "tile"})
+COMBINE_MUL = frozenset({"mul"})
+COMBINE_ADD = frozenset({"add"})
+# Ops whose second operand only lends its shape or dtype: x.expand_as(y) reads no data of y.
+SHAPE_ONLY_OPERAND = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})
+# Non-tensor queries of a tensor's shape: they carry no data of the tensor.
+SHAPE_QUERIES = frozenset({"size", "dim", "numel", "shape", "ndim", "ndimension", "device", "dtype"})
+
+# Function names that mean the same operation.
+_ALIASES = {
+    "multiply": "mul", "imul": "mul",
+    "iadd": "add",
+    "matrix_multiply": "matmul", "__matmul__": "matmul",
+    "true_divide": "div", "truediv": "div", "divide": "div",
+    "hard_sigmoid": "hardsigmoid", "hard_swish": "hardswish", "swish": "silu",
+    "permute_dims": "permute", "swapaxes": "transpose", "swapdims": "transpose",
+    "moveaxis": "movedim",
+    "concat": "cat", "concatenate": "cat",
+    "dropout1d": "dropout", "dropout2d": "dropout", "dropout3d": "dropout",
+    "alpha_dropout": "dropout", "feature_alpha_dropout": "dropout",
+    "upsample": "interpolate", "upsample_nearest": "interpolate", "upsample_bilinear": "interpolate",
+}
+
+# torch.nn module types -> canonical op (checked with isinstance, most specific first).
+_MODULE_OPS: list[tuple[type, str]] = [
+    (nn.modules.conv._ConvTransposeNd, "conv_transpose"),
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.Linear, "linear"),
+    (nn.Bilinear, "bilinear"),
+    (nn.modules.batchnorm._BatchNorm, "batch_norm"),
+    (nn.modules.instancenorm._InstanceNorm, "instance_norm"),
+    (nn.LayerNorm, "layer_norm"),
+    (nn.GroupNorm, "group_norm"),
+    (nn.LocalResponseNorm, "local_response_norm"),
+    (nn.AdaptiveAvgPool1d, "adaptive_avg_pool"), (nn.AdaptiveAvgPool2d, "adaptive_avg_pool"),
+    (nn.AdaptiveAvgPool3d, "adaptive_avg_pool"),
+    (nn.AdaptiveMaxPool1d, "adaptive_max_pool"), (nn.AdaptiveMaxPool2d, "adaptive_max_pool"),
+    (nn.AdaptiveMaxPool3d, "adaptive_max_pool"),
+    (nn.modules.pooling._AvgPoolNd, "avg_pool"),
+    (nn.modules.pooling._MaxPoolNd, "max_pool"),
+    (nn.modules.pooling._LPPoolNd, "lp_pool"),
+    (nn.Flatten, "flatten"),
+    (nn.Unflatten, "unflatten"),
+    (nn.Identity, "identity"),
+    (nn.modules.dropout._DropoutNd, "dropout"),
+    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.LeakyReLU, "leaky_relu"), (nn.PReLU, "prelu"),
+    (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"), (nn.Tanh, "tanh"),
+    (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"), (nn.GELU, "gelu"), (nn.Mish, "mish"),
+    (nn.ELU, "elu"), (nn.SELU, "selu"), (nn.CELU, "celu"), (nn.Hardtanh, "hardtanh"),
+    (nn.Softmax, "softmax"), (nn.LogSoftmax, "log_softmax"), (nn.Softplus, "softplus"),
+    (nn.Upsample, "interpolate"),
+    (nn.Embedding, "embedding"),
+]
+
+_DIMMED_PREFIXES = (
+    "adaptive_avg_pool", "adaptive_max_pool", "avg_pool", "max_pool", "lp_pool",
+    "conv_transpose", "conv", "batch_norm", "instance_norm",
+)
+
+
+def _split_dims(name: str) -> tuple[str, int]:
+    """'adaptive_avg_pool2d' -> ('adaptive_avg_pool', 2); other names pass through."""
+    for prefix in _DIMMED_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in ("1d", "2d", "3d"):
+            return prefix, int(name[len(prefix)])
+    return name, 0
+
+
+def _canonical(raw: str) -> tuple[str, int]:
+    name = raw
+    if name.startswith("__") and name.endswith("__"):  # Tensor.__mul__ and friends
+        name = name[2:-2]
+        if name.startswith("r") and name[1:] in ("mul", "add", "matmul", "sub", "truediv"):
+            name = name[1:]
+    if name.endswith("_") and not name.endswith("__"):  # in-place spelling: mul_, relu_
+        name = name[:-1]
+    name = _ALIASES.get(name, name)
+    return _split_dims(name)
+
+
+def _is_torch_callable(target: Any) -> bool:
+    """True for functions of torch, torch.nn.functional, operator and builtins."""
+    module = getattr(target, "__module__", None) or ""
+    if module.startswith("torch") or module in ("_operator", "operator", "builtins", "math"):
+        return True
+    # Tensor methods used as functions (torch.Tensor.mul) carry no __module__.
+    return getattr(target, "__objclass__", None) is torch._C.TensorBase
+
+
+def op_of(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
+    """The canonical operation of ``node``.
+
+    ``modules`` is ``dict(gm.named_modules())``. Nodes asrfx has no name for (user
+    functions wrapped by fx, opaque leaf modules) come back as ``"function"`` or
+    ``"module"``: analyses treat them conservatively.
+    """
+    if node.op in ("placeholder", "output", "get_attr"):
+        return Op(node.op)
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        for cls, name in _MODULE_OPS:
+            if isinstance(module, cls):
+                dims = _module_dims(module, name)
+                return Op(name, module, dims)
+        return Op("module", module)
+    if node.op == "call_method":
+        name, dims = _canonical(str(node.target))
+        return Op(name, None, dims)
+    # call_function
+    target = node.target
+    if target is getattr:
+        attr = node.args[1] if len(node.args) > 1 else ""
+        if attr in SHAPE_QUERIES:
+            return Op("shape")
+        return Op("getattr_" + str(attr))
+    if target is operator.getitem:
+        return Op("getitem")
+    if not _is_torch_callable(target):
+        return Op("function")
+    name, dims = _canonical(getattr(target, "__name__", str(target)))
+    return Op(name, None, dims)
+
+
+def _module_dims(module: nn.Module, name: str) -> int:
+    if name in ("conv", "conv_transpose"):
+        return len(module.kernel_size)
+    if name in POOLS or name in ("batch_norm", "instance_norm"):
+        cls = type(module).__name__
+        for d in (1, 2, 3):
+            if cls.endswith(f"{d}d"):
+                return d
+    return 0
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    """Whether the node's value is a single tensor (needs shape metadata)."""
+    return node_shape(node) is not None
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The concrete shape of a tensor-valued node, from ShapeProp or export metadata."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):  # symbolic sizes without a hint
+            return None
+    return None
+
+
+def node_shapes(node: fx.Node) -> tuple[tuple[int, ...] | None, ...] | None:
+    """Shapes of a tuple-valued node (split, chunk, max with dim ...), else None."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # TensorMetadata is a NamedTuple
+        return tuple(tuple(int(s) for s in m.shape) if hasattr(m, "shape") else None for m in meta)
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return tuple(tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None for v in val)
+    return None
+
+
+def data_inputs(node: fx.Node, op: Op) -> list[fx.Node]:
+    """Input nodes whose *values* the node reads (not just their shape)."""
+    if op.name in SHAPE_ONLY_OPERAND and node.args and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
+
+
+def is_shape_query(node: fx.Node, op: Op) -> bool:
+    """x.shape, x.size(), x.dim(): reads no data of x."""
+    return op.name == "shape" or (node.op == "call_method" and op.name in ("size", "dim", "numel"))

@@ -1,0 +1,106 @@
+"""Typed records for what detection finds (one frozen dataclass per match)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from torch import fx
+
+__all__ = ["SiteKind", "Combine", "GateUse", "Absorption", "AttentionSite", "Rejection", "LeafRecord"]
+
+
+class SiteKind(StrEnum):
+    """Structural family of a channel-attention site (see docs/architecture.md)."""
+
+    SE = "se"  # average pooling, channel-mixing excitation (Linear / 1x1 conv)
+    ECA = "eca"  # excitation is a conv1d sliding across channels
+    SRM = "srm"  # style pooling: a std/var statistic among the pooled inputs
+    CBAM_CHANNEL = "cbam_channel"  # average and max pooling feeding one gate
+    GC = "gc"  # softmax-weighted (attention) pooling, or an additive gate
+    SPA = "spa"  # adaptive pooling to a grid larger than 1x1 (pyramid)
+    IE = "ie"  # only per-channel parameters in the excitation, no channel mixing
+    SPLIT = "split"  # softmax over branches of a per-channel gate (SK, ResNeSt)
+    OTHER = "other"  # a per-channel pooled gate that fits none of the above
+
+
+class Combine(StrEnum):
+    """How the gate meets the feature map."""
+
+    MUL = "mul"  # x * g (SE family)
+    ADD = "add"  # x + g (GC-style fusion)
+
+
+@dataclass(frozen=True)
+class GateUse:
+    """One application of a gate to a feature map."""
+
+    x: fx.Node  # the feature map that is gated, [N, C, *spatial] or [N, L, C]
+    gate: fx.Node  # the per-channel gate before any broadcast (expand_as etc.)
+    operand: fx.Node  # the gate as the combine node sees it (gate or its broadcast)
+    combine: fx.Node  # the mul/add node that produces the gated feature map
+    op: Combine  # multiply or add
+
+
+@dataclass(frozen=True)
+class Absorption:
+    """Whether the layer that produced x can absorb a per-channel scale."""
+
+    producer: fx.Node  # the node that produced x
+    target: fx.Node | None  # the layer that would absorb the scale (after looking through relu/pool/...)
+    through: tuple[fx.Node, ...]  # nodes looked through on the way (commute with a positive scale)
+    reason: str  # why it cannot, or what it folds into
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """A channel-attention block found in a traced graph."""
+
+    kind: SiteKind  # structural family
+    uses: tuple[GateUse, ...]  # gate applications; more than one when branches share an excitation
+    pools: tuple[fx.Node, ...]  # global reductions of the input: avg/max/std pools, matmul pooling
+    excitation: tuple[fx.Node, ...]  # nodes between the pools and the gates (data path, graph order)
+    channel_dim: int  # axis of x that the gate scales
+    channels: int  # size of that axis
+    gate_shape: tuple[int, ...]  # shape of the (first) gate before broadcasting
+    absorption: Absorption  # what the producer of x can absorb (for fuse)
+    module_path: str  # the attention block in the original model, e.g. "layer1.0.se"
+    module_paths: tuple[str, ...]  # every module path the site's nodes come from
+
+    @property
+    def x(self) -> fx.Node:
+        """The gated feature map of the first use."""
+        return self.uses[0].x
+
+    @property
+    def gate(self) -> fx.Node:
+        """The gate of the first use."""
+        return self.uses[0].gate
+
+    @property
+    def combine(self) -> fx.Node:
+        """The combine node of the first use."""
+        return self.uses[0].combine
+
+    @property
+    def absorbable(self) -> bool:
+        """Whether the producer of x can absorb a per-channel scale."""
+        return self.absorption.target is not None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A combine that looked like attention but is not, and why (for users' questions)."""
+
+    combine: fx.Node  # the mul/add node examined
+    module_path: str  # where it lives in the original model
+    reason: str  # why it is not a channel-attention site
+
+
+@dataclass(frozen=True)
+class LeafRecord:
+    """A submodule that torch.fx could not trace through and was kept as one call."""
+
+    path: str  # module path in the original model
+    module_type: str  # its class name
+    reason: str  # first line of the tracing error
