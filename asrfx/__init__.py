@@ -6,14 +6,22 @@ Detect channel-attention blocks in any traced model by graph structure::
     print(sites)
 """
 
-from .api import find_attention
-from .errors import AsrfxError, TracingError
+from .api import convert, find_attention, report_of
+from .convert import ConvertedSite, ConvertReport
+from .errors import AsrfxError, AsrfxWarning, TracingError
+from .modules import GatedBatchNorm
 from .report import SiteTable
 from .site import Absorption, AttentionSite, Combine, GateUse, LeafRecord, Rejection, SiteKind
 from .tracing import trace
 
 __all__ = [
     "find_attention",
+    "convert",
+    "report_of",
+    "ConvertReport",
+    "ConvertedSite",
+    "GatedBatchNorm",
+    "AsrfxWarning",
     "trace",
     "SiteTable",
     "AttentionSite",

@@ -9,14 +9,18 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+import warnings
+
+from .convert import ConvertReport, PsiInit, convert_sites, move_gates_into_batchnorm
 from .detect import detect
-from .errors import AsrfxError, TracingError
+from .errors import AsrfxError, AsrfxWarning, TracingError
+from .layout import infer_layouts
 from .ops import node_shape
 from .report import SiteTable
 from .site import LeafRecord
 from .tracing import as_input_tuple, propagate_shapes, trace
 
-__all__ = ["find_attention"]
+__all__ = ["find_attention", "convert", "report_of"]
 
 
 def find_attention(
@@ -38,28 +42,99 @@ def find_attention(
     Returns a :class:`SiteTable` (a sequence of :class:`AttentionSite`). The model
     is not modified.
     """
-    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    gm = traced.gm
-    if isinstance(model, fx.GraphModule):  # never write metadata into the caller's graph
-        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-    inputs = as_input_tuple(example_inputs)
-    if inputs:
-        propagate_shapes(gm, inputs)
-    elif not _has_shapes(gm):
-        raise AsrfxError(
-            f"find_attention needs the shapes of {type(model).__name__}'s tensors: pass "
-            "example_inputs=(torch.randn(1, 3, 224, 224),) (any batch size and resolution the "
-            "model accepts), or a GraphModule whose nodes carry shape metadata."
-        )
-    _check_leaves(model, gm, traced.leaves)
+    gm, leaves = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
     found = detect(gm)
     return SiteTable(
         sites=tuple(found.sites),
         rejections=tuple(found.rejections),
-        leaves=traced.leaves,
+        leaves=leaves,
         graph_module=gm,
         model_name=type(model).__name__,
     )
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    keep: bool = False,
+    psi_init: PsiInit = 0.1,
+    inplace: bool = False,
+    gate_in_norm: bool = True,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Rewrite every channel-attention block of ``model`` into ASR form for training.
+
+    Args:
+        model: an ``nn.Module`` or ``torch.fx.GraphModule``.
+        example_inputs: a tensor or tuple of inputs giving the shapes.
+        keep: False (default) replaces each pooled statistic by a learnable psi;
+            True keeps the original attention and adds a psi-driven copy before it
+            ("ASR(k) + k", paper Tables 4-5).
+        psi_init: the initial psi: a constant (default 0.1, the paper's C_0.1), a tensor
+            broadcastable to psi's shape, or ``fn(site, shape) -> tensor``.
+        inplace: share the model's modules and parameters instead of copying them
+            (training the result then trains the model's own parameters).
+        gate_in_norm: apply a gate inside the BatchNorm that produced x when nothing else
+            reads it (same math, no extra pass over the feature map).
+        leaf_modules, concrete_args: as for :func:`find_attention`.
+
+    Returns a GraphModule; :func:`report_of` tells what was converted and why not.
+    """
+    if not isinstance(keep, bool):
+        raise TypeError(f"convert(keep=...) takes True or False, got {keep!r}")
+    if not (isinstance(psi_init, (int, float, torch.Tensor)) or callable(psi_init)) or isinstance(psi_init, bool):
+        raise TypeError("convert(psi_init=...) takes a number, a tensor, or fn(site, shape) -> tensor; "
+                        f"got {type(psi_init).__name__}")
+    work = model if inplace else copy.deepcopy(model)
+    gm, _ = _traced_with_shapes(work, example_inputs, leaf_modules, concrete_args, require_inputs=True)
+    inputs = as_input_tuple(example_inputs)
+    steps = [
+        ("layout", lambda g, st: st.update(layouts=infer_layouts(g))),
+        ("detect", lambda g, st: st.update(found=detect(g, st["layouts"]))),
+        ("rewrite", lambda g, st: st.update(report=convert_sites(
+            g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=psi_init)[1])),
+        ("shapes", lambda g, st: propagate_shapes(g, inputs)),
+        ("gate_in_norm", lambda g, st: gate_in_norm and move_gates_into_batchnorm(g, st["report"])),
+    ]
+    state: dict[str, Any] = {}
+    for _name, step in steps:
+        step(gm, state)
+    report: ConvertReport = state["report"]
+    if not report.sites:
+        note = (f"no channel-attention site found in {type(model).__name__}: nothing was converted, "
+                "the GraphModule computes the same function as the model")
+        report.notes.append(note)
+        warnings.warn(note, AsrfxWarning, stacklevel=2)
+    gm.meta["asrfx"] = report
+    gm.train(model.training)
+    return gm
+
+
+def report_of(gm: fx.GraphModule) -> ConvertReport | None:
+    """The report an asrfx pass left on ``gm`` (None if it has none)."""
+    return getattr(gm, "meta", {}).get("asrfx")
+
+
+def _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args, require_inputs=False):
+    """Trace (GraphModules are copied, never annotated in place) and propagate shapes."""
+    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = traced.gm
+    if isinstance(model, fx.GraphModule):
+        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+    inputs = as_input_tuple(example_inputs)
+    if inputs:
+        propagate_shapes(gm, inputs)
+    elif require_inputs or not _has_shapes(gm):
+        raise AsrfxError(
+            f"asrfx needs the shapes of {type(model).__name__}'s tensors: pass "
+            "example_inputs=(torch.randn(1, 3, 224, 224),) (any batch size and resolution the "
+            "model accepts)" + ("." if require_inputs else
+                                ", or a GraphModule whose nodes carry shape metadata.")
+        )
+    _check_leaves(model, gm, traced.leaves)
+    return gm, traced.leaves
 
 
 def _has_shapes(gm: fx.GraphModule) -> bool:

@@ -195,6 +195,7 @@ class Detection:
 
     sites: list[AttentionSite] = field(default_factory=list)  # in graph order of the first combine
     rejections: list[Rejection] = field(default_factory=list)  # near-misses, with reasons
+    flows: dict[fx.Node, Flow] = field(default_factory=dict, repr=False)  # dataflow of every node
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def detect(gm: fx.GraphModule, layouts=None) -> Detection:
     if layouts is None:
         layouts = infer_layouts(gm)
     flows = analyse_flow(gm, layouts, modules)
-    result = Detection()
+    result = Detection(flows=flows)
     matches: list[_Match] = []
     for node in gm.graph.nodes:
         op = op_of(node, modules)

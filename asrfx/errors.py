@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AsrfxError", "TracingError"]
+__all__ = ["AsrfxError", "TracingError", "AsrfxWarning"]
 
 
 class AsrfxError(Exception):
@@ -11,3 +11,7 @@ class AsrfxError(Exception):
 
 class TracingError(AsrfxError):
     """A model (or a part of it) cannot be traced or shape-propagated."""
+
+
+class AsrfxWarning(UserWarning):
+    """Something the caller should know, where the result is still correct."""

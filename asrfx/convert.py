@@ -1,0 +1,457 @@
+"""Convert pass: rewrite detected attention sites into ASR (psi-driven) form.
+
+Replace mode (paper sec. 3.2, "Training phase"): every pooled statistic u that feeds a
+site's excitation becomes a learnable parameter psi shaped like u with batch size 1,
+so the gate ``v = act(F(psi))`` depends on parameters only. Keep mode ("ASR(k) + k",
+Tables 4-5): a copy of the excitation with its own parameters, driven by psi, gates x
+before the original attention sees it.
+
+Two rewrites make the psi branch a pure function of parameters:
+
+* sizes read off feature maps inside the excitation (``view(x.size(0), c, 1, 1)``)
+  become constants, the batch size 1: the gate is computed once and broadcasts over
+  the batch;
+* BatchNorm inside an excitation cannot normalise a batch of one constant vector; it
+  uses its running statistics, i.e. acts as a fixed per-channel affine whose weight and
+  bias still train (the same thing it does in eval mode).
+
+Each site is rewritten in three steps: pattern (the detected site), legality check
+(:func:`why_not_convertible` returns a reason instead of raising), rewrite.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .graph import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
+from .modules import GatedBatchNorm
+from .ops import SHAPE_ONLY_OPERAND, is_shape_query, node_shape, node_shapes, op_of
+from .site import AttentionSite, Combine
+
+__all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "convert_sites", "why_not_convertible",
+           "move_gates_into_batchnorm"]
+
+# psi_init: a constant, a tensor broadcastable to psi's shape, or fn(site, shape) -> tensor.
+PsiInit = float | torch.Tensor | Callable[[AttentionSite, tuple[int, ...]], torch.Tensor]
+
+ASR_META = "asrfx"  # node.meta key: {"role": "psi" | "gate", "site": module path}
+
+
+@dataclass(frozen=True)
+class ConvertedSite:
+    """What convert did to one attention site."""
+
+    module_path: str  # the attention block in the original model
+    kind: str  # its structural kind
+    mode: str  # "replace" or "keep"
+    psi: tuple[str, ...]  # qualified names of the psi parameters created
+    frozen_norms: tuple[str, ...]  # excitation BatchNorms now using running statistics
+    gated_norm: str | None  # the BatchNorm that applies the gate inside its affine, if any
+
+
+@dataclass
+class ConvertReport:
+    """The result of a convert pass: converted and skipped sites, with reasons."""
+
+    sites: list[ConvertedSite] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+    notes: list[str] = field(default_factory=list)
+    # (site path, x, gate, combine) of every gate application in the converted graph
+    applications: list[tuple[str, fx.Node, fx.Node, fx.Node]] = field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        lines = [f"asrfx.convert: {len(self.sites)} site(s) converted, {len(self.skipped)} skipped"]
+        for s in self.sites:
+            extra = []
+            if s.frozen_norms:
+                extra.append("running-stats BN: " + ", ".join(s.frozen_norms))
+            if s.gated_norm:
+                extra.append(f"gate applied inside {s.gated_norm}")
+            lines.append(f"  {s.module_path or '(top level)'} [{s.kind}, {s.mode}]: psi "
+                         + ", ".join(s.psi) + ("; " + "; ".join(extra) if extra else ""))
+        for path, reason in self.skipped:
+            lines.append(f"  skipped {path or '(top level)'}: {reason}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def why_not_convertible(site: AttentionSite) -> str | None:
+    """Legality check: a reason this site cannot be rewritten, or None."""
+    for pool in site.pools:
+        if node_shape(pool) is None and node_shapes(pool) is None:
+            return f"no shape for pooled statistic '{pool.name}'"
+        shape = node_shape(pool)
+        if shape is not None and len(shape) == 0:
+            return f"pooled statistic '{pool.name}' is a scalar over the whole batch"
+    return None
+
+
+# -- building blocks ----------------------------------------------------------------------
+
+
+def _owner(gm: fx.GraphModule, path: str) -> nn.Module:
+    return gm.get_submodule(path) if path else gm
+
+
+def _pool_label(pool: fx.Node, modules) -> str:
+    name = op_of(pool, modules).name
+    return {"mean": "avg", "sum": "avg", "adaptive_avg_pool": "avg", "avg_pool": "avg",
+            "amax": "max", "max": "max", "adaptive_max_pool": "max", "max_pool": "max",
+            "std": "std", "var": "var", "matmul": "context", "bmm": "context", "einsum": "context",
+            "norm": "norm", "vector_norm": "norm"}.get(name, name)
+
+
+def _grid_side(pool: fx.Node) -> int:
+    shape = node_shape(pool) or ()
+    cells = 1
+    for s in shape[2:]:
+        cells *= s
+    return int(round(cells ** 0.5))
+
+
+def _psi_names(site: AttentionSite, modules) -> list[str]:
+    """psi, or psi_<statistic> per pool: psi_avg/psi_max (CBAM), psi_avg/psi_std (SRM),
+    psi_avg1/psi_avg2/psi_avg4 (SPA's pyramid)."""
+    if len(site.pools) == 1:
+        return ["psi"]
+    labels = [_pool_label(p, modules) for p in site.pools]
+    if len({_grid_side(p) for p in site.pools}) > 1:
+        labels = [f"{lab}{_grid_side(p)}" for lab, p in zip(labels, site.pools)]
+    return [f"psi_{lab}" if labels.count(lab) == 1 else f"psi_{lab}_{labels[:i].count(lab)}"
+            for i, lab in enumerate(labels)]
+
+
+def _psi_value(psi_init: PsiInit, site: AttentionSite, shape: tuple[int, ...], like: torch.Tensor | None):
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    device = like.device if like is not None else None
+    if callable(psi_init) and not isinstance(psi_init, torch.Tensor):
+        value = psi_init(site, shape)
+    elif isinstance(psi_init, torch.Tensor):
+        value = psi_init.expand(shape)
+    else:
+        value = torch.full(shape, float(psi_init))
+    return torch.as_tensor(value, dtype=dtype, device=device).reshape(shape).clone()
+
+
+def _statistics(pool: fx.Node) -> list[tuple[fx.Node, tuple[int, ...]]]:
+    """The tensors a pool provides to its excitation: itself, or its getitem elements."""
+    shape = node_shape(pool)
+    if shape is not None:
+        return [(pool, shape)]
+    shapes = node_shapes(pool) or ()
+    return [(u, shapes[u.args[1]]) for u in pool.users
+            if u.target is __import__("operator").getitem and isinstance(u.args[1], int)
+            and shapes[u.args[1]] is not None]
+
+
+def _like_tensor(gm: fx.GraphModule) -> torch.Tensor | None:
+    for p in gm.parameters():
+        return p
+    return None
+
+
+def _new_psi(gm, owner_path, name, value, site, stat) -> tuple[str, fx.Node]:
+    owner = _owner(gm, owner_path)
+    attr = unique_attr_name(owner, name)
+    owner.register_parameter(attr, nn.Parameter(value))
+    qualified = f"{owner_path}.{attr}" if owner_path else attr
+    with gm.graph.inserting_before(stat):
+        node = gm.graph.get_attr(qualified)
+    node.meta[ASR_META] = {"role": "psi", "site": site.module_path}
+    return qualified, node
+
+
+def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node], modules) -> list[str]:
+    """BatchNorms in the psi branch use running statistics (a trainable affine)."""
+    frozen = []
+    for node in nodes:
+        op = op_of(node, modules)
+        if op.name != "batch_norm":
+            continue
+        if node.op == "call_module":
+            bn = op.module
+            path = str(node.target)
+            with gm.graph.inserting_before(node):
+                get = lambda n: gm.graph.get_attr(f"{path}.{n}") if getattr(bn, n, None) is not None else None
+                new = gm.graph.call_function(
+                    F.batch_norm,
+                    (node.args[0], get("running_mean"), get("running_var"), get("weight"), get("bias"),
+                     bn.running_mean is None, 0.0, bn.eps),
+                )
+            copy_meta(node, new)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            frozen.append(path)
+        elif node.op == "call_function":
+            args = list(node.args)
+            if len(args) > 5:
+                args[5] = args[1] is None  # training flag: batch statistics only if none are kept
+                node.args = tuple(args)
+            elif "training" in node.kwargs:
+                node.kwargs = {**node.kwargs, "training": args[1] is None if len(args) > 1 else False}
+            frozen.append(node.name)
+    return frozen
+
+
+def _constant_shapes(nodes: list[fx.Node], constants: dict[fx.Node, int]) -> None:
+    """Inside the psi branch, sizes read off feature maps become constants (batch: 1)."""
+    for node in nodes:
+        node.args = substitute(node.args, constants)
+        node.kwargs = substitute(node.kwargs, constants)
+
+
+# -- the two modes -----------------------------------------------------------------------------
+
+
+def _replace(gm, site, psi_init, constants, modules, flows, applications) -> ConvertedSite:
+    names = _psi_names(site, modules)
+    excitation = set(site.excitation)
+    like = _like_tensor(gm)
+    created = []
+    for pool, name in zip(site.pools, names):
+        stats = _statistics(pool)
+        for k, (stat, shape) in enumerate(stats):
+            psi_shape = (1,) + tuple(shape[1:])
+            value = _psi_value(psi_init, site, psi_shape, like)
+            qualified, psi = _new_psi(gm, site.module_path, name if len(stats) == 1 else f"{name}_{k}",
+                                      value, site, stat)
+            for user in list(stat.users):
+                if user in excitation:
+                    user.replace_input_with(stat, psi)
+            created.append(qualified)
+    ordered = [n for n in gm.graph.nodes if n in excitation]
+    _constant_shapes(ordered, constants)
+    frozen = _freeze_norms(gm, ordered, modules)
+    for use in site.uses:
+        use.gate.meta[ASR_META] = {"role": "gate", "site": site.module_path}
+        applications.append((site.module_path, use.x, use.gate, use.combine))
+    return ConvertedSite(site.module_path, site.kind.value, "replace", tuple(created), tuple(frozen), None)
+
+
+def _closure(site: AttentionSite, flows) -> list[fx.Node]:
+    """Excitation nodes plus every data-free input they read (parameters, their views,
+    shape arithmetic): what a copy of the excitation needs, short of the pools."""
+    nodes = set(site.excitation)
+    stack = list(site.excitation)
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            flow = flows.get(i)
+            if i in nodes or i in site.pools or flow is None or flow.spatial or flow.pools:
+                continue
+            if i.op == "placeholder":
+                continue
+            nodes.add(i)
+            stack.append(i)
+    return nodes
+
+
+def _keep(gm, site, psi_init, constants, modules, flows, applications) -> ConvertedSite:
+    """ASR(k) + k: a psi-driven copy of the excitation gates x before the original attention."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    closure = sorted(_closure(site, flows), key=order.get)
+    # copies of every module / attribute the excitation uses, with their own parameters
+    targets = sorted({str(n.target) for n in closure if n.op in ("call_module", "get_attr")})
+    base = site.module_path
+    if base and all(t == base or t.startswith(base + ".") for t in targets):
+        parent, _, last = base.rpartition(".")
+        copy_name = unique_attr_name(_owner(gm, parent), f"{last}_asr")
+        copy_path = f"{parent}.{copy_name}" if parent else copy_name
+        set_module(gm, copy_path, copy.deepcopy(gm.get_submodule(base)))
+        retarget = {t: copy_path + t[len(base):] for t in targets}
+    else:
+        copy_path = ""
+        retarget = {}
+        for t in targets:
+            name = unique_attr_name(gm, t.replace(".", "_") + "_asr")
+            parent_path, _, attr = t.rpartition(".")
+            value = getattr(_owner(gm, parent_path), attr)
+            setattr(gm, name, copy.deepcopy(value))
+            retarget[t] = name
+    names = _psi_names(site, modules)
+    like = _like_tensor(gm)
+    x_nodes = {u.x for u in site.uses}
+    first = min((u for x in x_nodes for u in x.users if not is_shape_query(u, op_of(u, modules))),
+                key=order.get)
+    env: dict[fx.Node, fx.Node] = {}
+    created = []
+    with graph.inserting_before(first):
+        for pool, name in zip(site.pools, names):
+            stats = _statistics(pool)
+            for k, (stat, shape) in enumerate(stats):
+                value = _psi_value(psi_init, site, (1,) + tuple(shape[1:]), like)
+                owner_path = copy_path
+                attr = unique_attr_name(_owner(gm, owner_path), name if len(stats) == 1 else f"{name}_{k}")
+                _owner(gm, owner_path).register_parameter(attr, nn.Parameter(value))
+                qualified = f"{owner_path}.{attr}" if owner_path else attr
+                env[stat] = graph.get_attr(qualified)
+                env[stat].meta[ASR_META] = {"role": "psi", "site": site.module_path}
+                created.append(qualified)
+        for node in closure:
+            if node in constants:
+                continue  # the psi branch has batch 1 and fixed channel counts
+            new = graph.node_copy(node, lambda a: constants[a] if a in constants else env.get(a, a))
+            if node.op in ("call_module", "get_attr"):
+                new.target = retarget[str(node.target)]
+            env[node] = new
+        gated: dict[fx.Node, fx.Node] = {}
+        for use in site.uses:
+            fn = torch.mul if use.op is Combine.MUL else torch.add
+            gated[use.x] = graph.call_function(fn, (use.x, env[use.operand]))
+            copy_meta(use.combine, gated[use.x])
+            applications.append((site.module_path, use.x, env[use.gate], gated[use.x]))
+            env[use.gate].meta[ASR_META] = {"role": "gate", "site": site.module_path}
+    # the original attention now sees the ASR-gated x
+    internal = set(site.pools) | set(site.excitation) | {u.combine for u in site.uses}
+    internal |= {n for n in graph.nodes if n not in gated.values() and _reads_towards(n, site)}
+    for x, new_x in gated.items():
+        for user in list(x.users):
+            if user is not new_x and user in internal and not is_shape_query(user, op_of(user, modules)):
+                user.replace_input_with(x, new_x)
+    copies = [env[n] for n in closure if n in env]
+    modules = dict(gm.named_modules())
+    frozen = _freeze_norms(gm, copies, modules)
+    return ConvertedSite(site.module_path, site.kind.value, "keep", tuple(created), tuple(frozen), None)
+
+
+def _reads_towards(node: fx.Node, site: AttentionSite) -> bool:
+    """Whether ``node`` lies on the path from x to the site's pools (the pool branch)."""
+    xs = {u.x for u in site.uses}
+    if not any(i in xs for i in node.all_input_nodes):
+        return False
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in site.pools:
+            return True
+        if n in seen or len(seen) > 64:
+            continue
+        seen.add(n)
+        stack.extend(n.users)
+    return False
+
+
+def convert_sites(
+    gm: fx.GraphModule,
+    sites: list[AttentionSite],
+    layouts,
+    flows,
+    *,
+    keep: bool,
+    psi_init: PsiInit,
+) -> tuple[fx.GraphModule, ConvertReport]:
+    """Rewrite ``sites`` of ``gm`` in place; returns ``gm`` and a report."""
+    report = ConvertReport()
+    constants = shape_constants(gm, layouts)
+    for site in sites:
+        reason = why_not_convertible(site)
+        if reason:
+            report.skipped.append((site.module_path, reason))
+            continue
+        modules = dict(gm.named_modules())
+        rewrite = _keep if keep else _replace
+        report.sites.append(rewrite(gm, site, psi_init, constants, modules, flows, report.applications))
+    return finish(gm), report
+
+
+def move_gates_into_batchnorm(gm: fx.GraphModule, report: ConvertReport) -> fx.GraphModule:
+    """Training fast path: ``BN(y) * v`` with v from psi becomes ``GatedBatchNorm(y, v)``.
+
+    Applies where x is the output of a torch BatchNorm module that nothing else reads
+    and the gate is a per-channel vector of batch 1 (paper eq. 7, applied while training).
+    """
+    modules = dict(gm.named_modules())
+    gated_at: dict[str, str] = {}
+    for site_path, x, gate, combine in report.applications:
+        if getattr(combine, "_erased", False) or getattr(x, "_erased", False):
+            continue  # erased by an earlier rewrite
+        hit = _gate_into_bn(gm, combine, x, gate, modules)
+        if hit:
+            gated_at[site_path] = hit
+    report.sites = [
+        ConvertedSite(s.module_path, s.kind, s.mode, s.psi, s.frozen_norms, gated_at.get(s.module_path))
+        for s in report.sites
+    ]
+    return finish(gm)
+
+
+_NON_NEGATIVE = frozenset({"sigmoid", "hardsigmoid", "softmax", "relu", "relu6", "exp", "softplus"})
+
+
+def _shape_only_reader(user: fx.Node, x: fx.Node, modules) -> bool:
+    """A user that reads only x's shape: x.size(), or y.expand_as(x)."""
+    op = op_of(user, modules)
+    if is_shape_query(user, op):
+        return True
+    return op.name in SHAPE_ONLY_OPERAND and user.args[0] is not x
+
+
+_CHAIN = frozenset({"identity", "dropout"})  # commute with any per-channel scale
+
+
+def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> str | None:
+    """Rewrite ``BN(y) [-> identity/dropout/relu] * v`` as ``GatedBatchNorm(y, v) [-> ...]``.
+
+    relu is looked through only when v >= 0 (relu(a) * v == relu(a * v)).
+    """
+    if op_of(combine, modules).name != "mul":
+        return None
+    non_negative = op_of(gate, modules).name in _NON_NEGATIVE
+    readers = lambda n: [u for u in n.users if not _shape_only_reader(u, n, modules)]
+    if readers(x) != [combine]:
+        return None
+    bn_node = x
+    while op_of(bn_node, modules).name in _CHAIN or (op_of(bn_node, modules).name == "relu" and non_negative):
+        nxt = bn_node.args[0] if bn_node.args else None
+        if not isinstance(nxt, fx.Node) or readers(nxt) != [bn_node]:
+            return None
+        bn_node = nxt
+    if bn_node.op != "call_module":
+        return None
+    bn = modules.get(str(bn_node.target))
+    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return None
+    gate_shape, x_shape = node_shape(gate), node_shape(x)
+    if gate_shape is None or x_shape is None or node_shape(combine) != x_shape:
+        return None
+    if len(gate_shape) != len(x_shape) or gate_shape[0] != 1 or gate_shape[1] != x_shape[1] \
+            or any(s != 1 for s in gate_shape[2:]):
+        return None
+    if not _hoist_before(gate, bn_node):
+        return None
+    path = str(bn_node.target)
+    set_module(gm, path, GatedBatchNorm(bn))
+    y = bn_node.args[0]
+    with gm.graph.inserting_before(bn_node):
+        vector = gm.graph.call_method("reshape", (gate, -1))
+        new = gm.graph.call_module(path, (y, vector))
+    copy_meta(bn_node, new)
+    top = new if x is bn_node else x  # x now carries the gate
+    bn_node.replace_all_uses_with(new)
+    gm.graph.erase_node(bn_node)
+    combine.replace_all_uses_with(top)
+    gm.graph.erase_node(combine)
+    return path
+
+
+def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:
+    """Move the gate's parameter-only subgraph in front of ``anchor``; False if it reads data."""
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    ancestors, stack = {gate}, [gate]
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i.op == "placeholder":
+                return False
+            if i not in ancestors:
+                ancestors.add(i)
+                stack.append(i)
+    for node in sorted(ancestors, key=order.get):
+        if order[node] > order[anchor]:
+            anchor.prepend(node)
+    return True
