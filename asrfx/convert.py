@@ -22,6 +22,7 @@ Each site is rewritten in three steps: pattern (the detected site), legality che
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -146,7 +147,7 @@ def _statistics(pool: fx.Node) -> list[tuple[fx.Node, tuple[int, ...]]]:
         return [(pool, shape)]
     shapes = node_shapes(pool) or ()
     return [(u, shapes[u.args[1]]) for u in pool.users
-            if u.target is __import__("operator").getitem and isinstance(u.args[1], int)
+            if u.target is operator.getitem and isinstance(u.args[1], int)
             and shapes[u.args[1]] is not None]
 
 
@@ -199,11 +200,33 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node], modules) -> list[str
     return frozen
 
 
+_INT_OPS = {operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
+            operator.floordiv: operator.floordiv, operator.mod: operator.mod}
+
+
+def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | None:
+    """The value of a size expression (``4 * x.size(1)``) when every size in it is known."""
+    if node in constants:
+        return constants[node]
+    if node.op == "call_function" and node.target in _INT_OPS and len(node.args) == 2 and not node.kwargs:
+        values = [a if isinstance(a, int) else _resolve(a, constants) if isinstance(a, fx.Node) else None
+                  for a in node.args]
+        if all(isinstance(v, int) for v in values):
+            return _INT_OPS[node.target](*values)
+    return None
+
+
 def _constant_shapes(nodes: list[fx.Node], constants: dict[fx.Node, int]) -> None:
     """Inside the psi branch, sizes read off feature maps become constants (batch: 1)."""
     for node in nodes:
-        node.args = substitute(node.args, constants)
-        node.kwargs = substitute(node.kwargs, constants)
+        mapping = {}
+        for arg in node.all_input_nodes:
+            value = _resolve(arg, constants)
+            if value is not None:
+                mapping[arg] = value
+        if mapping:
+            node.args = substitute(node.args, mapping)
+            node.kwargs = substitute(node.kwargs, mapping)
 
 
 # -- the two modes -----------------------------------------------------------------------------

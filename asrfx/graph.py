@@ -96,6 +96,7 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
             return int(shape.shape[axis])
         return None
 
+    tuples: dict[fx.Node, tuple[fx.Node, int]] = {}  # shape tuple -> (tensor, first axis): x.shape[1:]
     for node in gm.graph.nodes:
         op = op_of(node, modules)
         if node.op == "call_method" and op.name == "size" and node.args:
@@ -104,12 +105,19 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
                 v = value(node.args[0], dim)
                 if v is not None:
                     found[node] = v
-        elif op.name == "getitem" and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node):
-            src = node.args[0]
-            if is_shape_query(src, op_of(src, modules)) and src.args and isinstance(src.args[0], fx.Node):
-                v = value(src.args[0], node.args[1])
+            elif dim is None and isinstance(node.args[0], fx.Node):
+                tuples[node] = (node.args[0], 0)
+        elif op.name == "shape" and isinstance(node.args[0], fx.Node):
+            tuples[node] = (node.args[0], 0)
+        elif op.name == "getitem" and node.args[0] in tuples:
+            tensor, offset = tuples[node.args[0]]
+            index = node.args[1]
+            if isinstance(index, int) and index >= 0:
+                v = value(tensor, offset + index)
                 if v is not None:
                     found[node] = v
+            elif isinstance(index, slice) and (index.start or 0) >= 0 and index.step in (None, 1):
+                tuples[node] = (tensor, offset + (index.start or 0))
     return found
 
 

@@ -1,4 +1,4 @@
-"""Quickstart: find the channel attention in a real torchvision model.
+"""Quickstart: find the channel attention in a real torchvision model and convert it to ASR form.
 
     python -m asrfx.quickstart [--model mobilenet_v3_large] [--resolution 224]
 
@@ -41,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     print(sites)
     absorbable = sum(site.absorbable for site in sites)
     print(f"\n{len(sites)} site(s) found in {elapsed:.2f} s; {absorbable} can fold into the layer "
-          f"that produced x, {len(sites) - absorbable} must fold into their consumers.")
+          f"that produced x, {len(sites) - absorbable} must fold into their consumers.\n")
+
+    start = time.perf_counter()
+    asr = asrfx.convert(model, example_inputs=(example,))
+    elapsed = time.perf_counter() - start
+    print(asrfx.report_of(asr))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    psi = sum(p.numel() for n, p in asr.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi"))
+    asr.eval()
+    with torch.no_grad():
+        out = asr(torch.randn(2, 3, args.resolution, args.resolution))
+    print(f"\nconverted in {elapsed:.2f} s: {count(model):,} parameters -> {count(asr):,} "
+          f"({psi:,} in psi); the ASR form runs: output {tuple(out.shape)}")
     return 0
 
 
