@@ -6,7 +6,9 @@ Detect channel-attention blocks in any traced model by graph structure::
     print(sites)
 """
 
-from .api import convert, find_attention, report_of
+from .api import convert, find_attention, fuse, report_of
+from .fuse import Fold, FuseReport
+from .verify import verify
 from .convert import ConvertedSite, ConvertReport
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .modules import GatedBatchNorm
@@ -17,7 +19,11 @@ from .tracing import trace
 __all__ = [
     "find_attention",
     "convert",
+    "fuse",
+    "verify",
     "report_of",
+    "FuseReport",
+    "Fold",
     "ConvertReport",
     "ConvertedSite",
     "GatedBatchNorm",

@@ -12,6 +12,8 @@ from torch import fx, nn
 import warnings
 
 from .convert import ConvertReport, PsiInit, convert_sites, move_gates_into_batchnorm
+from .fuse import FuseReport, fuse_graph
+from .verify import check_fused
 from .detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .layout import infer_layouts
@@ -20,7 +22,7 @@ from .report import SiteTable
 from .site import LeafRecord
 from .tracing import as_input_tuple, propagate_shapes, trace
 
-__all__ = ["find_attention", "convert", "report_of"]
+__all__ = ["find_attention", "convert", "fuse", "report_of"]
 
 
 def find_attention(
@@ -42,7 +44,7 @@ def find_attention(
     Returns a :class:`SiteTable` (a sequence of :class:`AttentionSite`). The model
     is not modified.
     """
-    gm, leaves = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
+    gm, leaves, _ = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
     found = detect(gm)
     return SiteTable(
         sites=tuple(found.sites),
@@ -88,7 +90,8 @@ def convert(
         raise TypeError("convert(psi_init=...) takes a number, a tensor, or fn(site, shape) -> tensor; "
                         f"got {type(psi_init).__name__}")
     work = model if inplace else copy.deepcopy(model)
-    gm, _ = _traced_with_shapes(work, example_inputs, leaf_modules, concrete_args, require_inputs=True)
+    gm, _, mode_note = _traced_with_shapes(work, example_inputs, leaf_modules, concrete_args,
+                                           require_inputs=True)
     inputs = as_input_tuple(example_inputs)
     steps = [
         ("layout", lambda g, st: st.update(layouts=infer_layouts(g))),
@@ -102,6 +105,9 @@ def convert(
     for _name, step in steps:
         step(gm, state)
     report: ConvertReport = state["report"]
+    report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
+    if mode_note:
+        report.notes.append(mode_note)
     if not report.sites:
         note = (f"no channel-attention site found in {type(model).__name__}: nothing was converted, "
                 "the GraphModule computes the same function as the model")
@@ -112,7 +118,40 @@ def convert(
     return gm
 
 
-def report_of(gm: fx.GraphModule) -> ConvertReport | None:
+def fuse(
+    gm: nn.Module,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Fold every constant (ASR) gate into the backbone, for deployment.
+
+    ``gm`` is the result of :func:`convert` after training, in eval mode (BatchNorm
+    statistics and gates are folded as constants, as in ``torch.nn.utils.fusion``).
+    ``example_inputs`` are needed only if ``gm``'s nodes carry no shape metadata.
+    Returns a GraphModule with no psi, no excitation and no pooling of the attention
+    blocks; :func:`report_of` lists every gate as folded (into which layers) or kept (why).
+    """
+    if gm.training or any(m.training for m in gm.modules()):
+        raise AsrfxError(
+            f"fuse folds BatchNorm statistics and gates as constants, so it needs an eval-mode model: "
+            f"call .eval() on {type(gm).__name__} first (as torch.nn.utils.fusion requires)."
+        )
+    work = gm if inplace else copy.deepcopy(gm)
+    if not isinstance(work, fx.GraphModule):
+        work = trace(work).gm
+    inputs = as_input_tuple(example_inputs)
+    if inputs:
+        propagate_shapes(work, inputs)
+    elif not _has_shapes(work):
+        raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
+    work, report = fuse_graph(work)
+    check_fused(work, report)
+    work.meta["asrfx"] = report
+    return work
+
+
+def report_of(gm: fx.GraphModule) -> ConvertReport | FuseReport | None:
     """The report an asrfx pass left on ``gm`` (None if it has none)."""
     return getattr(gm, "meta", {}).get("asrfx")
 
@@ -134,7 +173,7 @@ def _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args, requ
                                 ", or a GraphModule whose nodes carry shape metadata.")
         )
     _check_leaves(model, gm, traced.leaves)
-    return gm, traced.leaves
+    return gm, traced.leaves, traced.mode_note
 
 
 def _has_shapes(gm: fx.GraphModule) -> bool:

@@ -438,7 +438,7 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> s
     if bn_node.op != "call_module":
         return None
     bn = modules.get(str(bn_node.target))
-    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or not bn.affine:
         return None
     gate_shape, x_shape = node_shape(gate), node_shape(x)
     if gate_shape is None or x_shape is None or node_shape(combine) != x_shape:

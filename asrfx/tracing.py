@@ -37,6 +37,7 @@ class Traced:
 
     gm: fx.GraphModule  # shares submodules with the model it came from (read-only use)
     leaves: tuple[LeafRecord, ...]  # submodules kept as single calls because fx failed inside them
+    mode_note: str = ""  # set when the graph cannot follow .train()/.eval() (see _follow_training_flag)
 
 
 class _LeafTracer(fx.Tracer):
@@ -118,9 +119,106 @@ def trace(
             module_type = type(model.get_submodule(failing)).__name__
             leaf_paths.add(failing)
             leaves.append(LeafRecord(failing, module_type, _first_line(exc)))
+    graph, mode_note = _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
-    return Traced(gm, tuple(leaves))
+    return Traced(gm, tuple(leaves), mode_note)
+
+
+def _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args) -> tuple[fx.Graph, str]:
+    """Make constants that torch.fx baked from ``self.training`` follow ``.train()/.eval()``.
+
+    torch.fx evaluates ``self.training`` once, while tracing: a wrapped call such as
+    torchvision's ``stochastic_depth(x, p, mode, self.training)`` or timm's functional
+    ``batch_norm(..., training, momentum, ...)`` keeps the mode it was traced in. The
+    model is traced again in the other mode (flags restored after); where the graphs
+    differ only in a bool that is True in train mode and False in eval mode, it becomes
+    a read of the GraphModule's ``training`` flag. Returns a note when they differ in
+    structure (then the graph stays in the mode it was traced in).
+    """
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        other = _LeafTracer(set(leaf_paths), leaf_types).trace(model, concrete_args=concrete_args)
+    except Exception:
+        return graph, ""
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    train_graph, eval_graph = (graph, other) if model.training else (other, graph)
+    a, b = list(train_graph.nodes), list(eval_graph.nodes)
+    if len(a) != len(b) or any((x.op, x.target) != (y.op, y.target) for x, y in zip(a, b)):
+        return graph, (f"{type(model).__name__} takes different paths in train and eval mode; the graph "
+                       f"follows the mode it was traced in ({'train' if model.training else 'eval'})")
+    index = {y: x for x, y in zip(a, b)}
+    flag_node = None
+    keep = a if graph is train_graph else b  # edit the graph we return
+    for x, y, k in zip(a, b, keep):
+        merged_args, diff_a = _merge(x.args, y.args, index)
+        merged_kwargs, diff_k = _merge(x.kwargs, y.kwargs, index)
+        if not (diff_a or diff_k):
+            continue
+        if merged_args is None or merged_kwargs is None:
+            return graph, (f"'{x.name}' differs between train and eval mode in a way asrfx cannot "
+                           "express; the graph follows the mode it was traced in")
+        if flag_node is None:
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                flag_node = graph.get_attr("training")
+        k.args = _place_flag(merged_args, flag_node, index if graph is eval_graph else None)
+        k.kwargs = _place_flag(merged_kwargs, flag_node, index if graph is eval_graph else None)
+    return graph, ""
+
+
+_FLAG = object()  # marks where the training flag goes
+
+
+def _merge(ta, ea, index):
+    """Merge train-mode and eval-mode args: (merged, differs). merged None: cannot merge.
+
+    A bool True (train) / False (eval) becomes the flag; any other constant that differs
+    takes its train-mode value (e.g. BatchNorm's momentum, unused in eval mode).
+    """
+    if isinstance(ta, fx.Node) or isinstance(ea, fx.Node):
+        same = isinstance(ta, fx.Node) and isinstance(ea, fx.Node) and index.get(ea) is ta
+        return (ta, False) if same else (None, True)
+    if isinstance(ta, (tuple, list)) and isinstance(ea, (tuple, list)) and len(ta) == len(ea):
+        items, differs = [], False
+        for t, e in zip(ta, ea):
+            m, d = _merge(t, e, index)
+            if m is None and d:
+                return None, True
+            items.append(m)
+            differs |= d
+        return type(ta)(items), differs
+    if isinstance(ta, dict) and isinstance(ea, dict) and ta.keys() == ea.keys():
+        items, differs = {}, False
+        for key in ta:
+            m, d = _merge(ta[key], ea[key], index)
+            if m is None and d:
+                return None, True
+            items[key] = m
+            differs |= d
+        return items, differs
+    if ta is True and ea is False:
+        return _FLAG, True
+    if type(ta) is type(ea) and isinstance(ta, (int, float)) and ta != ea:
+        return ta, True
+    return (ta, False) if ta == ea else (None, True)
+
+
+def _place_flag(value, flag_node, eval_index):
+    """Put the flag node where _merge marked it; map train-graph nodes if editing the eval graph."""
+    reverse = {v: k for k, v in eval_index.items()} if eval_index else None
+
+    def fix(v):
+        if v is _FLAG:
+            return flag_node
+        if reverse is not None and isinstance(v, fx.Node):
+            return reverse.get(v, v)
+        return v
+
+    return fx.node.map_aggregate(value, fix)
 
 
 class _MetaRecorder(fx.Interpreter):

@@ -1,0 +1,65 @@
+"""Invariant checker for fused graphs (run by fuse; callable on its own)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .convert import ASR_META
+from .errors import AsrfxError
+from .fuse import FuseReport, constant_gates
+from .tracing import as_input_tuple
+
+__all__ = ["check_fused", "verify"]
+
+
+def check_fused(gm: fx.GraphModule, report: FuseReport) -> None:
+    """Structural invariants: no psi, no ASR gate node, no computed gate beyond those kept."""
+    psi = [n for n, _ in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi")]
+    if psi:
+        raise AsrfxError(f"fuse left psi parameters behind: {psi[:3]}")
+    roles = [n.name for n in gm.graph.nodes if (n.meta.get(ASR_META) or {}).get("role") in ("psi", "gate")]
+    if roles:
+        raise AsrfxError(f"fuse left ASR nodes in the graph: {roles[:3]}")
+    left = constant_gates(gm)
+    if left:
+        raise AsrfxError(f"fuse left computed constant gates: {[g.combine.name for g in left[:3]]}")
+
+
+def _count(model: nn.Module | int) -> int:
+    return model if isinstance(model, int) else sum(p.numel() for p in model.parameters())
+
+
+def verify(
+    fused: fx.GraphModule,
+    reference: nn.Module | None = None,
+    example_inputs: Any = None,
+    *,
+    backbone: nn.Module | int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
+    """Check a fused model: invariants, optionally parameter count and outputs.
+
+    ``backbone``: a module (or a parameter count) the fused model must match in size.
+    ``reference`` + ``example_inputs``: outputs must agree (default tolerances 1e-5
+    relative in float32, 1e-10 in float64). Raises AsrfxError saying what differs.
+    """
+    report = fused.meta.get("asrfx") if hasattr(fused, "meta") else None
+    if isinstance(report, FuseReport):
+        check_fused(fused, report)
+    if backbone is not None and _count(fused) != _count(backbone):
+        raise AsrfxError(f"fused model has {_count(fused):,} parameters, the backbone {_count(backbone):,}")
+    if reference is not None:
+        inputs = as_input_tuple(example_inputs)
+        with torch.no_grad():
+            got, want = fused(*inputs), reference(*inputs)
+        double = want.dtype == torch.float64
+        rtol = rtol if rtol is not None else (1e-10 if double else 1e-5)
+        atol = atol if atol is not None else (1e-10 if double else 1e-5) * max(want.abs().max().item(), 1.0)
+        try:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        except AssertionError as exc:
+            raise AsrfxError(f"fused outputs differ from the reference: {str(exc).splitlines()[1:3]}") from exc
