@@ -454,6 +454,7 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> s
     with gm.graph.inserting_before(bn_node):
         vector = gm.graph.call_method("reshape", (gate, -1))
         new = gm.graph.call_module(path, (y, vector))
+    vector.meta[ASR_META] = {"role": "gate_vector", "site": (gate.meta.get(ASR_META) or {}).get("site", "")}
     copy_meta(bn_node, new)
     top = new if x is bn_node else x  # x now carries the gate
     bn_node.replace_all_uses_with(new)

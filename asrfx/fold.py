@@ -15,6 +15,7 @@ __all__ = [
     "fold_conv_transpose_output_affine",
     "fold_input_scale",
     "fold_input_shift",
+    "fold_shift_through_batchnorm",
 ]
 
 
@@ -76,3 +77,11 @@ def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: tor
     t = shift.reshape((1, -1) + (1,) * (weight.dim() - 2))
     extra = (weight * t).sum(dim=tuple(range(1, weight.dim())))
     return extra if bias is None else bias + extra
+
+
+def fold_shift_through_batchnorm(
+    bias: torch.Tensor, weight: torch.Tensor | None, running_var: torch.Tensor, eps: float, shift: torch.Tensor
+) -> torch.Tensor:
+    """An eval-mode BatchNorm reading ``y + c``: ``BN(y + c) == BN(y) + c * gamma / sqrt(var + eps)``."""
+    gamma = torch.ones_like(running_var) if weight is None else weight
+    return bias + shift * gamma / torch.sqrt(running_var + eps)

@@ -18,7 +18,7 @@ Pattern, legality check (returns a reason), rewrite, as in the other passes.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,13 @@ from torch import fx, nn
 from .convert import ASR_META
 from .detect import module_path_of
 from .errors import AsrfxError
-from .fold import fold_conv_transpose_output_affine, fold_input_scale, fold_input_shift, fold_output_affine
+from .fold import (
+    fold_conv_transpose_output_affine,
+    fold_input_scale,
+    fold_input_shift,
+    fold_output_affine,
+    fold_shift_through_batchnorm,
+)
 from .graph import finish
 from .modules import GatedBatchNorm
 from .ops import SHAPE_ONLY_OPERAND, is_shape_query, node_shape, op_of
@@ -70,31 +76,25 @@ class FuseReport:
 # -- constants ------------------------------------------------------------------------------
 
 
-def _reads_input(node: fx.Node, cache: dict[fx.Node, bool]) -> bool:
-    """Whether a node depends on a graph input (its value, not just its shape)."""
-    if node in cache:
-        return cache[node]
-    stack, order = [node], []
-    while stack:
-        n = stack.pop()
-        if n in cache or n in order:
-            continue
-        order.append(n)
-        stack.extend(i for i in n.all_input_nodes if i not in cache)
-    for n in reversed(order):
+def _input_dependence(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """For every node, whether its value depends on a graph input (one pass in graph order).
+
+    Shape reads (x.size(), x.shape, y.expand_as(x)'s x) do not count: they carry no data.
+    """
+    reads: dict[fx.Node, bool] = {}
+    for n in gm.graph.nodes:
         if n.op == "placeholder":
-            cache[n] = True
-        else:
-            op = op_of(n, {})
-            ins = n.all_input_nodes
-            if op.name in SHAPE_ONLY_OPERAND and n.args:
-                ins = [n.args[0]] if isinstance(n.args[0], fx.Node) else []
-            cache[n] = any(cache.get(i, False) for i in ins) and not _is_shape_read(n)
-    return cache[node]
-
-
-def _is_shape_read(node: fx.Node) -> bool:
-    return is_shape_query(node, op_of(node, {}))
+            reads[n] = True
+            continue
+        op = op_of(n, {})
+        if is_shape_query(n, op):
+            reads[n] = False
+            continue
+        ins = n.all_input_nodes
+        if op.name in SHAPE_ONLY_OPERAND and n.args:
+            ins = [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+        reads[n] = any(reads.get(i, False) for i in ins)
+    return reads
 
 
 def _computed(node: fx.Node) -> bool:
@@ -130,24 +130,48 @@ class _Evaluator(fx.Interpreter):
             if n in needed or n in self.env:
                 continue
             needed.add(n)
-            stack.extend(n.all_input_nodes)
+            if not is_shape_query(n, op_of(n, {})):
+                stack.extend(n.all_input_nodes)
         for n in sorted(needed, key=self.order.get):
-            self.env[n] = self.run_node(n)
+            self.env[n] = self._shape(n) if is_shape_query(n, op_of(n, {})) else self.run_node(n)
         return self.env[node]
+
+    def _shape(self, n: fx.Node) -> Any:
+        """x.size(), x.size(i), x.shape from shape metadata: the input is not needed."""
+        shape = node_shape(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if shape is None:
+            raise AsrfxError(f"'{n.name}' reads the shape of '{n.args[0]}', which has no shape metadata")
+        size = torch.Size(shape)
+        if n.op == "call_method" and n.target == "size" and (len(n.args) > 1 or "dim" in n.kwargs):
+            return size[n.args[1] if len(n.args) > 1 else n.kwargs["dim"]]
+        if n.op == "call_method" and n.target in ("dim", "ndimension"):
+            return len(size)
+        if n.op == "call_method" and n.target == "numel":
+            return size.numel()
+        return size
 
 
 @dataclass(frozen=True)
 class _Gate:
     combine: fx.Node  # the mul/add node
     x: fx.Node  # the data operand
-    gate: fx.Node  # the constant operand
+    operand: fx.Node  # the constant operand as the combine reads it (maybe g.expand_as(x))
+    gate: fx.Node  # the constant before broadcasting: what is evaluated and folded
     op: str  # "mul" or "add"
+
+
+def _strip_broadcast(node: fx.Node, modules) -> fx.Node:
+    """The gate before expand_as / expand / broadcast_to: the combine broadcasts anyway."""
+    while op_of(node, modules).name in ("expand", "expand_as", "broadcast_to", "contiguous") and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def constant_gates(gm: fx.GraphModule) -> list[_Gate]:
     """Pattern: mul/add of a data tensor and a computed per-channel constant."""
     modules = dict(gm.named_modules())
-    cache: dict[fx.Node, bool] = {}
+    reads = _input_dependence(gm)
     found = []
     for node in gm.graph.nodes:
         name = op_of(node, modules).name
@@ -157,8 +181,8 @@ def constant_gates(gm: fx.GraphModule) -> list[_Gate]:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
         for x, g in ((a, b), (b, a)):
-            if _reads_input(x, cache) and not _reads_input(g, cache) and _computed(g):
-                found.append(_Gate(node, x, g, name))
+            if reads[x] and not reads[g] and _computed(g):
+                found.append(_Gate(node, x, g, _strip_broadcast(g, modules), name))
                 break
     return found
 
@@ -236,7 +260,7 @@ def _fold_into_layer(gm, node: fx.Node, v, axis: int, op: str, rank: int, module
         return None
     if name == "batch_norm" and node.op == "call_function":  # functional, e.g. timm's BatchNormAct2d
         args = list(node.args) + [None] * (5 - len(node.args))
-        weight, bias = args[3], args[4]
+        weight, bias = node.kwargs.get("weight", args[3]), node.kwargs.get("bias", args[4])
         if axis != 1 or not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
             return f"'{node.name}' (functional batch_norm) has no weight parameter to scale"
         if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
@@ -304,13 +328,55 @@ def _consumers(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
         plans.append((r, module, name))
     if not plans:
         return [], "nothing reads the gated tensor"
+    into = []
     for r, module, name in plans:
+        into.append(str(r.target))
         if g.op == "mul":
             groups = module.groups if name == "conv" else 1
             _set_param(module, "weight", fold_input_scale(module.weight, v, groups))
-        else:
-            _set_param(module, "bias", fold_input_shift(module.weight, module.bias, v))
-    return [str(r.target) for r, _, _ in plans], None
+            continue
+        shift = fold_input_shift(module.weight, None, v)
+        norm = _batchnorm_after(gm, r, modules) if module.bias is None else None
+        if norm is None:  # a bias is created if the layer has none
+            _set_param(module, "bias", shift if module.bias is None else module.bias + shift)
+        else:  # no bias to create: the BatchNorm after the layer takes the shift
+            owner, bias_name, weight, var, eps = norm
+            _set_param(owner, bias_name, fold_shift_through_batchnorm(getattr(owner, bias_name), weight, var, eps,
+                                                                     shift))
+            into.append(f"{owner_path(gm, owner)}.{bias_name}")
+    return into, None
+
+
+def owner_path(gm: fx.GraphModule, owner: nn.Module) -> str:
+    return next((name for name, m in gm.named_modules() if m is owner), "")
+
+
+def _batchnorm_after(gm, node: fx.Node, modules):
+    """The eval-mode BatchNorm that alone reads ``node``: (owner, bias attr, weight, var, eps)."""
+    readers = _readers(node, modules)
+    if len(readers) != 1:
+        return None
+    bn = readers[0]
+    if op_of(bn, modules).name != "batch_norm" or bn.args[0] is not node:
+        return None
+    if bn.op == "call_module":
+        module = modules[str(bn.target)]
+        if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or module.bias is None \
+                or module.running_var is None or _calls(gm, str(bn.target)) != 1:
+            return None
+        return module, "bias", module.weight, module.running_var, module.eps
+    args = list(bn.args) + [None] * (8 - len(bn.args))
+    get = lambda key, i: bn.kwargs.get(key, args[i])
+    bias, weight, var, eps = get("bias", 4), get("weight", 3), get("running_var", 2), get("eps", 7)
+    if not (isinstance(bias, fx.Node) and bias.op == "get_attr" and isinstance(var, fx.Node)
+            and var.op == "get_attr"):
+        return None
+    fetch = lambda n: gm.get_submodule(str(n.target).rpartition(".")[0]) if "." in str(n.target) else gm
+    owner = fetch(bias)
+    weight_value = getattr(fetch(weight), str(weight.target).rpartition(".")[2]) \
+        if isinstance(weight, fx.Node) else None
+    var_value = getattr(fetch(var), str(var.target).rpartition(".")[2])
+    return owner, str(bias.target).rpartition(".")[2], weight_value, var_value, 1e-5 if eps is None else eps
 
 
 # -- the pass --------------------------------------------------------------------------------------
@@ -331,7 +397,9 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: _Evaluator, report: Fu
         v = evaluator.value(node.args[1]).reshape(-1)
         bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
             len(node_shape(node) or (0, 0, 0, 0))]
-        bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        like = next(iter(module.state_dict().values()), v)
+        bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                    device=v.device, dtype=v.dtype if v.is_floating_point() else like.dtype)
         bn.load_state_dict(module.state_dict())
         w, b = fold_output_affine(module.weight if module.weight is not None else torch.ones_like(v),
                                   module.bias, v)
@@ -354,7 +422,7 @@ def _keep_constant(gm: fx.GraphModule, g: _Gate, value: torch.Tensor) -> None:
     gm.register_buffer(f"{name}_{i}", value.detach().clone())
     with gm.graph.inserting_before(g.combine):
         const = gm.graph.get_attr(f"{name}_{i}")
-    g.combine.replace_input_with(g.gate, const)
+    g.combine.replace_input_with(g.operand, const)
 
 
 def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
@@ -362,8 +430,13 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
     report = FuseReport()
     evaluator = _Evaluator(gm)
     _fold_gated_batchnorms(gm, evaluator, report)
+    replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
+    modules = dict(gm.named_modules())
     for g in constant_gates(gm):
-        modules = dict(gm.named_modules())
+        x = g.x
+        while x in replaced:  # a gate on a tensor an earlier gate was folded from (repeats)
+            x = replaced[x]
+        g = dataclasses.replace(g, x=x)
         site = _site_of(g)
         x_shape = node_shape(g.x)
         value = evaluator.value(g.gate)
@@ -382,9 +455,8 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
                 report.folds.append(Fold(site, g.op, (), "kept",
                                          f"producer: {why_producer}; consumers: {why_consumers}"))
                 continue
-            g.combine.replace_all_uses_with(g.x)
-        else:
-            g.combine.replace_all_uses_with(g.x)
+        g.combine.replace_all_uses_with(g.x)
+        replaced[g.combine] = g.x
         gm.graph.erase_node(g.combine)
         report.folds.append(Fold(site, g.op, tuple(into), where,
                                  f"folded into the {where}" + (f" ({why_producer})" if where == "consumers" else "")))
@@ -399,7 +471,9 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         owner_path, _, attr = name.rpartition(".")
-        if name in used_attrs or any(owner_path == m or owner_path.startswith(m + ".") for m in used_modules):
+        parts = owner_path.split(".") if owner_path else []
+        inside_used = any(".".join(parts[: i + 1]) in used_modules for i in range(len(parts)))
+        if name in used_attrs or inside_used:
             continue
         owner = gm.get_submodule(owner_path) if owner_path else gm
         delattr(owner, attr)

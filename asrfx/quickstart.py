@@ -1,4 +1,4 @@
-"""Quickstart: find the channel attention in a real torchvision model and convert it to ASR form.
+"""Quickstart: find the channel attention in a real torchvision model, convert it to ASR form, fuse it.
 
     python -m asrfx.quickstart [--model mobilenet_v3_large] [--resolution 224]
 
@@ -9,6 +9,7 @@ random weights (``weights=None``): nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the quickstart needs torchvision: pip install 'asrfx[vision]'", file=sys.stderr)
         return 2
     import asrfx
+    from asrfx.graph import set_module
 
     builder = getattr(torchvision.models, args.model, None)
     if builder is None or not callable(builder):
@@ -53,7 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         out = asr(torch.randn(2, 3, args.resolution, args.resolution))
     print(f"\nconverted in {elapsed:.2f} s: {count(model):,} parameters -> {count(asr):,} "
-          f"({psi:,} in psi); the ASR form runs: output {tuple(out.shape)}")
+          f"({psi:,} in psi); the ASR form runs: output {tuple(out.shape)}\n")
+
+    # (train the ASR form here) ... then deploy:
+    start = time.perf_counter()
+    deployed = asrfx.fuse(asr)
+    elapsed = time.perf_counter() - start
+    print(asrfx.report_of(deployed))
+    check = torch.randn(2, 3, args.resolution, args.resolution)
+    with torch.no_grad():
+        want, got = asr(check), deployed(check)
+    error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+    backbone = copy.deepcopy(model)
+    for site in sites:  # the plain backbone: each attention block replaced by identity
+        set_module(backbone, site.module_path, torch.nn.Identity())
+    print(f"\nfused in {elapsed:.2f} s: {count(deployed):,} parameters; plain backbone "
+          f"{count(backbone):,} (equal: {count(deployed) == count(backbone)}); "
+          f"max relative difference to the ASR form: {error:.1e}")
     return 0
 
 

@@ -90,3 +90,52 @@ def test_quickstart_table_for_mobilenet_v3_large():
     assert [s.absorbable for s in sites] == [True] * 3 + [False] * 5
     assert sites[0].absorption.target.target == "features.4.block.1.1"
     assert "Hardswish" in sites[3].absorption.reason
+
+
+# -- convert + fuse on real models -----------------------------------------------------------------
+
+FUSE_MODELS = [m for m in POSITIVES if not m.name.startswith("timm:test_")] + \
+    [m for m in POSITIVES if m.name in ("timm:test_resnet[cbam]", "timm:test_resnet[gc_scale_add]")]
+
+
+def _randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Running statistics and affine parameters that are not the defaults."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 0.5 + 0.75)
+                if m.weight is not None:
+                    m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("entry", FUSE_MODELS, ids=lambda m: m.name)
+def test_convert_then_fuse_real_models(entry):
+    """fuse(convert(m)) equals convert(m) in eval mode and is the size of m without attention."""
+    from asrfx.graph import set_module
+
+    model = _randomize_norms(entry.build())
+    x = torch.randn(*entry.input_shape)
+    gm = asrfx.convert(model, x, psi_init=lambda site, shape: torch.randn(shape)).eval()
+    fused = asrfx.fuse(gm)
+    report = asrfx.report_of(fused)
+    assert len({f.site for f in report.folds}) == entry.expected_sites, str(report)
+    with torch.no_grad():
+        want, got = gm(x), fused(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1.0))
+    blocks = _attention_paths(model, entry.attention_classes)
+    kinds = {FAMILY_KIND[kind] for kind in blocks.values()}
+    if "split" in kinds:  # gates over stacked branches stay as one constant multiply each
+        assert all(f.where == "kept" and "per-channel" in f.reason for f in report.folds)
+        return
+    # a gate stays (as one stored constant, not a parameter) only with a reason: CondConv's
+    # per-sample kernels read the gated tensor through a reshape
+    assert all(f.reason for f in report.kept)
+    assert not report.kept or "cc_" in entry.name, str(report)
+    backbone = entry.build()
+    for path in blocks:
+        set_module(backbone, path, torch.nn.Identity())
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in backbone.parameters())

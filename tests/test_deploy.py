@@ -1,0 +1,73 @@
+"""The fused model deploys like the backbone: torch.compile, torch.export, ONNX + onnxruntime.
+
+The strongest check is an op histogram: the exported fused model has exactly the ops of the
+exported backbone (the model with its attention modules replaced by identity).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import asrfx
+from asrfx.graph import set_module
+
+
+@pytest.fixture(scope="module")
+def models():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = asrfx.convert(model, x, psi_init=lambda site, shape: torch.randn(shape)).eval()
+    fused = asrfx.fuse(gm)
+    backbone = copy.deepcopy(model)
+    for site in asrfx.find_attention(model, x):
+        set_module(backbone, site.module_path, nn.Identity())
+    return gm, fused, backbone.eval(), x
+
+
+def _histogram(exported) -> collections.Counter:
+    """aten ops by name; in-place and out-of-place spellings count as one (add_ == add)."""
+    names = (str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+    return collections.Counter(name.replace("_.", ".") for name in names)
+
+
+def test_torch_export_has_exactly_the_backbones_ops(models):
+    gm, fused, backbone, x = models
+    exported = torch.export.export(fused, (x,))
+    assert _histogram(exported) == _histogram(torch.export.export(backbone, (x,)))
+    assert not any("sigmoid" in op for op in _histogram(exported))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), gm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_of_the_fused_model(models):
+    gm, fused, _, x = models
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), gm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_runs_in_onnxruntime_without_attention_ops(models, tmp_path):
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    gm, fused, backbone, x = models
+    ops = {}
+    for name, model in (("fused", fused), ("backbone", backbone)):
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(model, (x,), dynamo=True).save(str(path))
+        ops[name] = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        if name == "fused":
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+            with torch.no_grad():
+                torch.testing.assert_close(torch.from_numpy(out), gm(x), rtol=1e-5, atol=1e-5)
+    assert ops["fused"] == ops["backbone"]
+    assert not {"Sigmoid", "HardSigmoid", "Mul"} & set(ops["fused"])

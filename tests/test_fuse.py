@@ -1,0 +1,318 @@
+"""asrfx.fuse: constant gates fold into the backbone; outputs equal, sizes equal the backbone's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import asrfx
+from asrfx import AsrfxError
+
+try:
+    from tests import zoo
+except ImportError:
+    import zoo
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random parameters and running statistics (never the defaults)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.4)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
+    return model
+
+
+def _psi(seed: int):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return lambda site, shape: torch.randn(shape, generator=gen)
+
+
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _assert_fused(model, x, *, seed=0, backbone=None, **convert_kw):
+    """convert -> eval -> fuse; outputs equal the converted model's, sizes the backbone's."""
+    gm = asrfx.convert(model, x, psi_init=_psi(seed), **convert_kw).eval()
+    fused = asrfx.fuse(gm)
+    with torch.no_grad():
+        want, got = gm(x), fused(x)
+    tol = 1e-10 if x.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
+    assert not [n for n, _ in fused.named_parameters() if "psi" in n]
+    if backbone is not None:
+        assert _count(fused) == _count(backbone)
+    return fused, asrfx.report_of(fused)
+
+
+class Producer(nn.Module):
+    """stem -> producer layer -> [look-through op] -> SE (x * g) -> consumer conv -> head.
+
+    producer: conv | grouped | depthwise | convT | bn | gn | functional_bn
+    through: none | relu | leaky | maxpool | avgpool | dropout
+    """
+
+    def __init__(self, producer: str, through: str, c: int = 8):
+        super().__init__()
+        self.producer, self.through = producer, through
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layer = {
+            "conv": nn.Conv2d(c, c, 3, padding=1),
+            "grouped": nn.Conv2d(c, c, 3, padding=1, groups=2),
+            "depthwise": nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+            "convT": nn.ConvTranspose2d(c, c, 3, padding=1, groups=2),
+            "bn": nn.BatchNorm2d(c),
+            "gn": nn.GroupNorm(2, c),
+            "functional_bn": nn.BatchNorm2d(c),
+        }[producer]
+        self.se = zoo.SEConv(c)
+        self.consumer = nn.Conv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.producer == "functional_bn":
+            b = self.layer
+            y = F.batch_norm(x, b.running_mean, b.running_var, b.weight, b.bias, False, 0.1, b.eps)
+        else:
+            y = self.layer(x)
+        y = {"none": lambda t: t, "relu": F.relu, "leaky": lambda t: F.leaky_relu(t, 0.1),
+             "maxpool": lambda t: F.max_pool2d(t, 2), "avgpool": lambda t: F.avg_pool2d(t, 2),
+             "dropout": lambda t: F.dropout(t, 0.3, training=False)}[self.through](y)
+        y = self.consumer(self.se(y))
+        return self.head(y.mean((2, 3)))
+
+
+@SETTINGS
+@given(st.sampled_from(["conv", "grouped", "depthwise", "convT", "bn", "gn", "functional_bn"]),
+       st.sampled_from(["none", "relu", "leaky", "maxpool", "avgpool", "dropout"]),
+       st.integers(0, 2**16), st.integers(1, 3), st.integers(2, 7))
+def test_gate_folds_into_the_producer(producer, through, seed, batch, size):
+    """
+    before: producer ─> [through] ─> x * g(psi) ─> consumer
+    after:  producer' ─> [through] ─> consumer          (g folded into producer', eqs. 6-7)
+    The sigmoid gate is positive, so ReLU, LeakyReLU and max pooling commute with it.
+    """
+    model = _randomize(Producer(producer, through), seed).double()
+    x = torch.randn(batch, 3, size * 2, size * 2, dtype=torch.float64)
+    backbone = copy.deepcopy(model)
+    backbone.se = nn.Identity()
+    fused, report = _assert_fused(model, x, seed=seed, backbone=backbone)
+    (fold,) = report.folds
+    assert fold.where == "producer" and fold.site == "se"
+    if producer == "bn" and through in ("none", "relu", "dropout"):
+        assert fold.op == "gated_bn"  # convert moved it into the BatchNorm already
+    elif producer == "functional_bn":
+        assert fold.into and fold.into[0].startswith("batch_norm")
+    else:
+        assert fold.into == ("layer",)
+
+
+class ConsumerOnly(Producer):
+    """The gated x comes out of a ReLU6 / SiLU / a residual sum: fold into the consumer conv."""
+
+    def __init__(self, kind: str, c: int = 8):
+        super().__init__("conv", "none", c)
+        self.kind = kind
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.layer(x)
+        y = {"relu6": F.relu6, "silu": F.silu, "residual": lambda t: t + x}[self.kind](y)
+        return self.head(self.consumer(self.se(y)).mean((2, 3)))
+
+
+@SETTINGS
+@given(st.sampled_from(["relu6", "silu", "residual"]), st.integers(0, 2**16), st.integers(1, 3))
+def test_gate_folds_into_consumers_when_the_producer_cannot_take_it(kind, seed, batch):
+    """ReLU6 does not commute with a scale: the consumer conv's input slices take the gate."""
+    model = _randomize(ConsumerOnly(kind), seed).double()
+    x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
+    backbone = copy.deepcopy(model)
+    backbone.se = nn.Identity()
+    _, report = _assert_fused(model, x, seed=seed, backbone=backbone)
+    (fold,) = report.folds
+    assert fold.where == "consumers" and fold.into == ("consumer",)
+
+
+class SharedInput(Producer):
+    """x is read unscaled by another branch, and the gated tensor feeds a pooling: kept."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.silu(self.layer(x))
+        gated = self.se(y)
+        return self.head((F.max_pool2d(gated, 2) + F.max_pool2d(y, 2)).mean((2, 3)))
+
+
+def test_gate_that_cannot_fold_stays_as_one_constant_and_says_why():
+    model = _randomize(SharedInput("conv", "none"), 5).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused, report = _assert_fused(model, x, seed=5)
+    (fold,) = report.kept
+    assert "read unscaled" in fold.reason and "max_pool" in fold.reason
+    assert "kept" in str(report)
+    # the psi branch is gone: one stored constant remains
+    assert not any("fc" in n for n, _ in fused.named_parameters())
+    assert any(n.startswith("asr_gate") for n, _ in fused.named_buffers())
+
+
+class TokenGate(nn.Module):
+    """tokens -> Linear or LayerNorm -> SE over the embedding dim ([N, 1, C] gate) -> Linear."""
+
+    def __init__(self, producer: str, c: int = 12):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 2, 2)
+        self.layer = nn.Linear(c, c) if producer == "linear" else nn.LayerNorm(c)
+        self.fc = nn.Linear(c, c)
+        self.out = nn.Linear(c, 3)
+
+    def forward(self, x):
+        t = self.layer(self.embed(x).flatten(2).transpose(1, 2))
+        t = t * torch.sigmoid(self.fc(t.mean(1, keepdim=True)))
+        return self.out(t).mean(1)
+
+
+@pytest.mark.parametrize("producer", ["linear", "layernorm"])
+def test_token_gate_folds_into_linear_or_layernorm(producer):
+    model = _randomize(TokenGate(producer), 2).double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    backbone_params = _count(model) - _count(model.fc)
+    fused, report = _assert_fused(model, x, seed=2)
+    assert report.folds[0].into == ("layer",)
+    assert _count(fused) == backbone_params
+
+
+@pytest.mark.parametrize("plug", ["gc_add", "gc_scale"])
+def test_global_context_gates_fold(plug):
+    """GC's additive gate goes into the producer's bias; its pooling branch is gone."""
+    attention = zoo.ContextBlock(8) if plug == "gc_add" else zoo.GlobalContextScale(8)
+    model = Producer("bn", "none")
+    model.se = attention
+    model = _randomize(model, 4).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    backbone = copy.deepcopy(model)
+    backbone.se = nn.Identity()
+    _, report = _assert_fused(model, x, seed=4, backbone=backbone)
+    # the scale variant already trained inside the BatchNorm (convert's fast path)
+    assert report.folds[0].op == ("add" if plug == "gc_add" else "gated_bn")
+    assert report.folds[0].where == "producer"
+
+
+def test_gated_batchnorm_becomes_a_plain_batchnorm():
+    """convert's fast path (gate inside the BN affine) fuses back into an ordinary BatchNorm2d."""
+    model = _randomize(Producer("bn", "relu"), 9).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = asrfx.convert(model, x)
+    assert isinstance(gm.layer, asrfx.GatedBatchNorm)
+    fused = asrfx.fuse(gm.eval())
+    assert type(fused.layer) is nn.BatchNorm2d
+    assert asrfx.report_of(fused).folds[0].op == "gated_bn"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), gm(x), rtol=1e-10, atol=1e-10)
+
+
+def test_repeated_gates_multiply_into_one_layer():
+    """Keep mode: x * g_asr folds into the producer; the original (input-dependent) SE stays."""
+    model = _randomize(Producer("conv", "none"), 3).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused, report = _assert_fused(model, x, seed=3, keep=True)
+    assert [f.where for f in report.folds] == ["producer"]
+    assert len(asrfx.find_attention(fused, x)) == 1  # k itself is still there (ASR(k) + k)
+
+
+def test_training_mode_is_refused():
+    gm = asrfx.convert(Producer("bn", "none"), torch.randn(2, 3, 6, 6))
+    with pytest.raises(AsrfxError, match=r"eval\(\)"):
+        asrfx.fuse(gm)
+
+
+def test_fuse_does_not_touch_its_input():
+    gm = asrfx.convert(_randomize(Producer("conv", "none"), 1), torch.randn(2, 3, 6, 6)).eval()
+    before = copy.deepcopy(gm.state_dict())
+    asrfx.fuse(gm)
+    after = gm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_float32_tolerance():
+    model = _randomize(Producer("grouped", "relu"), 8)
+    _assert_fused(model, torch.randn(4, 3, 8, 8), seed=8)
+
+
+class TwoGates(nn.Module):
+    """bn -> constant gate -> constant gate: both multiply into the BatchNorm (repeats, delta = 2)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.g1, self.g2 = zoo.ASRTrainGate(c), zoo.ASRTrainGate(c)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.head(self.g2(self.g1(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+def test_two_gates_on_one_tensor_multiply_into_one_layer():
+    model = _randomize(TwoGates(), 6).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    fused = asrfx.fuse(torch.fx.symbolic_trace(model).eval(), x)
+    report = asrfx.report_of(fused)
+    assert [f.into for f in report.folds] == [("bn",), ("bn",)]
+    assert _count(fused) == _count(model) - _count(model.g1) - _count(model.g2)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+class Conv1dOr3d(nn.Module):
+    """conv{1,3}d -> SE over channels -> consumer, for sequences and volumes."""
+
+    def __init__(self, dims: int, c=6):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv3d
+        self.dims = dims
+        self.conv, self.fc, self.out = conv(2, c, 3, padding=1), nn.Linear(c, c), conv(c, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        axes = tuple(range(2, 2 + self.dims))
+        g = torch.sigmoid(self.fc(y.mean(axes))).view(y.shape[0], -1, *([1] * self.dims))
+        return self.out(y * g).mean(axes)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_producers(dims):
+    model = _randomize(Conv1dOr3d(dims), dims).double()
+    x = torch.randn(2, 2, *([5] * dims), dtype=torch.float64)
+    fused, report = _assert_fused(model, x, seed=dims)
+    assert report.folds[0].into == ("conv",)
+    assert _count(fused) == _count(model) - _count(model.fc)
+
+
+def test_verify_checks_sizes_and_outputs():
+    model = _randomize(Producer("conv", "relu"), 12).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = asrfx.convert(model, x, psi_init=_psi(12)).eval()
+    fused = asrfx.fuse(gm)
+    backbone = copy.deepcopy(model)
+    backbone.se = nn.Identity()
+    asrfx.verify(fused, gm, x, backbone=backbone)  # passes
+    with pytest.raises(AsrfxError, match="parameters"):
+        asrfx.verify(fused, backbone=model)
+    with torch.no_grad():
+        fused.layer.bias.add_(1.0)
+    with pytest.raises(AsrfxError, match="differ"):
+        asrfx.verify(fused, gm, x)
