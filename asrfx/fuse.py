@@ -282,6 +282,40 @@ _THROUGH_SCALE = {"identity": "any", "dropout": "any", "avg_pool": "any", "adapt
 _THROUGH_SHIFT = {"identity", "dropout", "max_pool", "adaptive_max_pool", "adaptive_avg_pool"}
 
 
+_REARRANGE = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+                        "permute", "transpose", "contiguous"})
+
+
+def _axis_before(node: fx.Node, axis: int, name: str) -> int | None:
+    """The axis of ``node``'s input that becomes ``axis`` of its output, if it stays whole."""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    in_shape, out_shape = node_shape(src) if src is not None else None, node_shape(node)
+    if in_shape is None or out_shape is None:
+        return None
+    if name in ("permute", "transpose"):
+        rank = len(in_shape)
+        if name == "permute":
+            order = node.args[1:] if len(node.args) > 2 else node.args[1]
+            order = [int(d) % rank for d in order]
+        else:
+            a, b = int(node.args[1]) % rank, int(node.args[2]) % rank
+            order = list(range(rank))
+            order[a], order[b] = order[b], order[a]
+        return order[axis]
+    if name == "contiguous":
+        return axis
+    # a reshape keeps an axis if an input axis has its size and the same number of elements before it
+    before = 1
+    for s in out_shape[:axis]:
+        before *= s
+    acc = 1
+    for k, s in enumerate(in_shape):
+        if acc == before and s == out_shape[axis]:
+            return k
+        acc *= s
+    return None
+
+
 def _producer(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
     """Fold into the layer that produced x, looking through commuting ops."""
     node, rank = g.x, len(node_shape(g.x) or ())
@@ -290,7 +324,12 @@ def _producer(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
         return [], f"x is also read unscaled by '{others[0]}'"
     while True:
         name = op_of(node, modules).name
-        if name in _THROUGH_SCALE and g.op == "mul":
+        if name in _REARRANGE:  # tokens: x = conv(img).flatten(2).transpose(1, 2), the gate on C
+            axis = _axis_before(node, axis, name)
+            if axis is None:
+                return [], f"'{node.name}' ({name}) splits or merges the gated axis"
+            rank = len(node_shape(node.args[0]) or ())
+        elif name in _THROUGH_SCALE and g.op == "mul":
             if _THROUGH_SCALE[name] == "non-negative" and bool((v < 0).any()):
                 return [], f"a negative gate does not commute with {name} '{node.name}'"
         elif name in _THROUGH_SHIFT and g.op == "add":

@@ -316,3 +316,52 @@ def test_verify_checks_sizes_and_outputs():
         fused.layer.bias.add_(1.0)
     with pytest.raises(AsrfxError, match="differ"):
         asrfx.verify(fused, gm, x)
+
+
+class PatchTokens(nn.Module):
+    """img -> conv (patches) -> flatten(2).transpose(1, 2) -> tokens [N, L, C] * gate -> Linear."""
+
+    def __init__(self, c=10, bias=True):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 2, 2, bias=bias)
+        self.fc = nn.Linear(c, c)
+        self.out = nn.Linear(c, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t * torch.sigmoid(self.fc(t.mean(1, keepdim=True)))
+        return self.out(t).mean(1)
+
+
+def test_gate_on_tokens_folds_through_flatten_and_transpose_into_the_conv():
+    """
+    before: conv ─> flatten(2) ─> transpose(1, 2) ─> tokens * g[1, 1, C] ─> linear
+    after:  conv' ─> flatten(2) ─> transpose(1, 2) ─> linear      (channel axis 2 -> axis 1)
+    """
+    model = _randomize(PatchTokens(), 13).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fused, report = _assert_fused(model, x, seed=13)
+    assert report.folds[0].where == "producer" and report.folds[0].into == ("embed",)
+    assert _count(fused) == _count(model) - _count(model.fc)
+
+
+class AddGateNoBias(nn.Module):
+    """conv without bias -> x + g (GC-style shift) -> silu: the shift creates the conv's bias."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.silu(y + self.fc(y.mean((2, 3)))[:, :, None, None]).mean((2, 3))
+
+
+def test_additive_gate_creates_a_bias_where_there_is_none():
+    model = _randomize(AddGateNoBias(), 14).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    fused, report = _assert_fused(model, x, seed=14)
+    (fold,) = report.folds
+    assert fold.op == "add" and fold.into == ("conv",)
+    assert fused.conv.bias is not None and fused.conv.bias.shape == (6,)
