@@ -22,8 +22,10 @@ from asrfx import AsrfxWarning, GatedBatchNorm
 
 try:
     from tests import zoo
+    from tests.helpers import randomize
 except ImportError:
     import zoo
+    from helpers import randomize
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -52,16 +54,7 @@ class Host(nn.Module):
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random parameters and BatchNorm running statistics (never the defaults)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
+    return randomize(model, seed, scale=0.3, mean_scale=0.2)
 
 
 def _psi_init(seed: int):

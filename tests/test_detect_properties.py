@@ -22,8 +22,10 @@ import asrfx
 
 try:
     from tests import zoo
+    from tests.helpers import randomize
 except ImportError:  # tests/ is not a package when pytest puts it on sys.path
     import zoo
+    from helpers import randomize
 
 ATTENTION = {
     "se": [zoo.SELayer, zoo.SEInplace, zoo.SEConv],
@@ -111,20 +113,8 @@ def networks(draw):
         cin = cout
     net = RandomNet(stages)
     seed = draw(st.integers(0, 2**16))
-    _randomize(net, seed)
+    randomize(net, seed, scale=0.5, mean_scale=1.0)
     return net.eval(), expected
-
-
-def _randomize(net: nn.Module, seed: int) -> None:
-    """Random parameters and BatchNorm running statistics (never the defaults)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,23 +16,12 @@ from asrfx import AsrfxError
 
 try:
     from tests import zoo
+    from tests.helpers import randomize
 except ImportError:
     import zoo
+    from helpers import randomize
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random parameters and running statistics (never the defaults)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.4)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
-    return model
 
 
 def _psi(seed: int):
@@ -106,7 +95,7 @@ def test_gate_folds_into_the_producer(producer, through, seed, batch, size):
     after:  producer' ─> [through] ─> consumer          (g folded into producer', eqs. 6-7)
     The sigmoid gate is positive, so ReLU, LeakyReLU and max pooling commute with it.
     """
-    model = _randomize(Producer(producer, through), seed).double()
+    model = randomize(Producer(producer, through), seed).double()
     x = torch.randn(batch, 3, size * 2, size * 2, dtype=torch.float64)
     backbone = copy.deepcopy(model)
     backbone.se = nn.Identity()
@@ -139,7 +128,7 @@ class ConsumerOnly(Producer):
 @given(st.sampled_from(["relu6", "silu", "residual"]), st.integers(0, 2**16), st.integers(1, 3))
 def test_gate_folds_into_consumers_when_the_producer_cannot_take_it(kind, seed, batch):
     """ReLU6 does not commute with a scale: the consumer conv's input slices take the gate."""
-    model = _randomize(ConsumerOnly(kind), seed).double()
+    model = randomize(ConsumerOnly(kind), seed).double()
     x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
     backbone = copy.deepcopy(model)
     backbone.se = nn.Identity()
@@ -159,7 +148,7 @@ class SharedInput(Producer):
 
 
 def test_gate_that_cannot_fold_stays_as_one_constant_and_says_why():
-    model = _randomize(SharedInput("conv", "none"), 5).double()
+    model = randomize(SharedInput("conv", "none"), 5).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     fused, report = _assert_fused(model, x, seed=5)
     (fold,) = report.kept
@@ -188,7 +177,7 @@ class TokenGate(nn.Module):
 
 @pytest.mark.parametrize("producer", ["linear", "layernorm"])
 def test_token_gate_folds_into_linear_or_layernorm(producer):
-    model = _randomize(TokenGate(producer), 2).double()
+    model = randomize(TokenGate(producer), 2).double()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     backbone_params = _count(model) - _count(model.fc)
     fused, report = _assert_fused(model, x, seed=2)
@@ -202,7 +191,7 @@ def test_global_context_gates_fold(plug):
     attention = zoo.ContextBlock(8) if plug == "gc_add" else zoo.GlobalContextScale(8)
     model = Producer("bn", "none")
     model.se = attention
-    model = _randomize(model, 4).double()
+    model = randomize(model, 4).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     backbone = copy.deepcopy(model)
     backbone.se = nn.Identity()
@@ -214,7 +203,7 @@ def test_global_context_gates_fold(plug):
 
 def test_gated_batchnorm_becomes_a_plain_batchnorm():
     """convert's fast path (gate inside the BN affine) fuses back into an ordinary BatchNorm2d."""
-    model = _randomize(Producer("bn", "relu"), 9).double()
+    model = randomize(Producer("bn", "relu"), 9).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     gm = asrfx.convert(model, x)
     assert isinstance(gm.layer, asrfx.GatedBatchNorm)
@@ -227,7 +216,7 @@ def test_gated_batchnorm_becomes_a_plain_batchnorm():
 
 def test_repeated_gates_multiply_into_one_layer():
     """Keep mode: x * g_asr folds into the producer; the original (input-dependent) SE stays."""
-    model = _randomize(Producer("conv", "none"), 3).double()
+    model = randomize(Producer("conv", "none"), 3).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     fused, report = _assert_fused(model, x, seed=3, keep=True)
     assert [f.where for f in report.folds] == ["producer"]
@@ -241,7 +230,7 @@ def test_training_mode_is_refused():
 
 
 def test_fuse_does_not_touch_its_input():
-    gm = asrfx.convert(_randomize(Producer("conv", "none"), 1), torch.randn(2, 3, 6, 6)).eval()
+    gm = asrfx.convert(randomize(Producer("conv", "none"), 1), torch.randn(2, 3, 6, 6)).eval()
     before = copy.deepcopy(gm.state_dict())
     asrfx.fuse(gm)
     after = gm.state_dict()
@@ -249,7 +238,7 @@ def test_fuse_does_not_touch_its_input():
 
 
 def test_float32_tolerance():
-    model = _randomize(Producer("grouped", "relu"), 8)
+    model = randomize(Producer("grouped", "relu"), 8)
     _assert_fused(model, torch.randn(4, 3, 8, 8), seed=8)
 
 
@@ -267,7 +256,7 @@ class TwoGates(nn.Module):
 
 
 def test_two_gates_on_one_tensor_multiply_into_one_layer():
-    model = _randomize(TwoGates(), 6).double().eval()
+    model = randomize(TwoGates(), 6).double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     fused = asrfx.fuse(torch.fx.symbolic_trace(model).eval(), x)
     report = asrfx.report_of(fused)
@@ -295,7 +284,7 @@ class Conv1dOr3d(nn.Module):
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_conv1d_and_conv3d_producers(dims):
-    model = _randomize(Conv1dOr3d(dims), dims).double()
+    model = randomize(Conv1dOr3d(dims), dims).double()
     x = torch.randn(2, 2, *([5] * dims), dtype=torch.float64)
     fused, report = _assert_fused(model, x, seed=dims)
     assert report.folds[0].into == ("conv",)
@@ -303,7 +292,7 @@ def test_conv1d_and_conv3d_producers(dims):
 
 
 def test_verify_checks_sizes_and_outputs():
-    model = _randomize(Producer("conv", "relu"), 12).double()
+    model = randomize(Producer("conv", "relu"), 12).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     gm = asrfx.convert(model, x, psi_init=_psi(12)).eval()
     fused = asrfx.fuse(gm)
@@ -338,7 +327,7 @@ def test_gate_on_tokens_folds_through_flatten_and_transpose_into_the_conv():
     before: conv ─> flatten(2) ─> transpose(1, 2) ─> tokens * g[1, 1, C] ─> linear
     after:  conv' ─> flatten(2) ─> transpose(1, 2) ─> linear      (channel axis 2 -> axis 1)
     """
-    model = _randomize(PatchTokens(), 13).double()
+    model = randomize(PatchTokens(), 13).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     fused, report = _assert_fused(model, x, seed=13)
     assert report.folds[0].where == "producer" and report.folds[0].into == ("embed",)
@@ -359,7 +348,7 @@ class AddGateNoBias(nn.Module):
 
 
 def test_additive_gate_creates_a_bias_where_there_is_none():
-    model = _randomize(AddGateNoBias(), 14).double()
+    model = randomize(AddGateNoBias(), 14).double()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     fused, report = _assert_fused(model, x, seed=14)
     (fold,) = report.folds
