@@ -6,7 +6,8 @@ Detect channel-attention blocks in any traced model by graph structure::
     print(sites)
 """
 
-from .api import convert, find_attention, fuse, report_of
+from . import attention
+from .api import convert, find_attention, fuse, insert, report_of
 from .fuse import Fold, FuseReport
 from .verify import verify
 from .convert import ConvertedSite, ConvertReport
@@ -20,6 +21,8 @@ __all__ = [
     "find_attention",
     "convert",
     "fuse",
+    "insert",
+    "attention",
     "verify",
     "report_of",
     "FuseReport",

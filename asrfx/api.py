@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from .report import SiteTable
 from .site import LeafRecord
 from .tracing import as_input_tuple, propagate_shapes, trace
 
-__all__ = ["find_attention", "convert", "fuse", "report_of"]
+__all__ = ["find_attention", "convert", "fuse", "insert", "report_of"]
 
 
 def find_attention(
@@ -149,6 +149,66 @@ def fuse(
     check_fused(work, report)
     work.meta["asrfx"] = report
     return work
+
+
+def insert(
+    model: nn.Module,
+    attention: str | type | Callable[..., nn.Module] = "se",
+    example_inputs: Any = None,
+    *,
+    where: Callable[[str, nn.Module], bool] | None = None,
+    repeats: int = 1,
+    psi_init: PsiInit = 0.1,
+    inplace: bool = False,
+    **attention_kwargs: Any,
+) -> fx.GraphModule:
+    """Add ASR(k) to a plain backbone: insert attention k, in psi form, ready to train.
+
+    Args:
+        model: a plain backbone (``nn.Module``).
+        attention: a name from ``asrfx.attention.ATTENTION`` ("se", "eca", "srm", "ie",
+            "spa", "cbam_channel", "gc"), an attention class taking the channel count, or
+            ``fn(channels, tokens=..., dims=...) -> module``.
+        example_inputs: inputs giving the shapes (channel counts come from them).
+        where: ``fn(path, module) -> bool`` choosing the modules to insert after; default:
+            after the last normalization layer of each residual branch (before the add),
+            or after every BatchNorm when the model has no residual adds.
+        repeats: the paper's delta (Table 7): modules in a row at each place, each with its
+            own parameters.
+        psi_init, inplace: as for :func:`convert`; ``attention_kwargs`` go to the module.
+
+    Returns the converted GraphModule; ``fuse(result.eval())`` gives the backbone back.
+    """
+    from .attention import ATTENTION
+    from .placement import insert_modules, insertion_points
+
+    if isinstance(attention, str):
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; choose from {sorted(ATTENTION)}, "
+                             "or pass a module class or factory")
+        attention = ATTENTION[attention]
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    work = model if inplace else copy.deepcopy(model)
+    gm, _, _ = _traced_with_shapes(work, example_inputs, (), None, require_inputs=True)
+    points = insertion_points(gm, infer_layouts(gm), where)
+
+    def factory(point):
+        kwargs = dict(attention_kwargs)
+        if point.tokens:
+            kwargs["tokens"] = True
+        elif point.dims != 2:
+            kwargs["dims"] = point.dims
+        try:
+            return attention(point.channels, **kwargs)
+        except TypeError as exc:
+            raise AsrfxError(f"cannot build {getattr(attention, '__name__', attention)} for '{point.path}' "
+                             f"({point.channels} channels, {'tokens' if point.tokens else f'{point.dims}-d maps'}): "
+                             f"{exc}") from exc
+
+    insert_modules(gm, points, factory, repeats)
+    gm.train(model.training)
+    return convert(gm, example_inputs, psi_init=psi_init, inplace=True)
 
 
 def report_of(gm: fx.GraphModule) -> ConvertReport | FuseReport | None:

@@ -1,0 +1,101 @@
+"""asrfx.insert: ASR(k) into plain backbones; fuse gives the backbone back, size and function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import asrfx
+from asrfx.attention import ATTENTION
+
+count = lambda m: sum(p.numel() for p in m.parameters())
+
+
+def _check(model, x, attention, **kw):
+    gm = asrfx.insert(model, attention, x, **kw)
+    fused = asrfx.fuse(gm.eval())
+    with torch.no_grad():
+        want, got = gm(x), fused(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1.0))
+    assert count(fused) == count(model)
+    assert not asrfx.report_of(fused).kept
+    return gm, asrfx.report_of(gm)
+
+
+@pytest.mark.parametrize("backbone, sites", [("resnet18", 8), ("vgg11_bn", 8), ("mobilenet_v2", 10),
+                                             ("shufflenet_v2_x1_0", 56)])
+@pytest.mark.parametrize("attention", ["se", "srm", "gc"])
+def test_torchvision_backbones(backbone, sites, attention):
+    import torchvision
+
+    model = getattr(torchvision.models, backbone)(weights=None).eval()
+    _, report = _check(model, torch.randn(2, 3, 64, 64), attention)
+    assert len(report.sites) == sites
+
+
+def test_default_placement_is_after_the_last_bn_of_each_residual_block():
+    """ResNet bottleneck: after bn3, before the add (the paper's and official code's placement)."""
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None)
+    gm, report = _check(model, torch.randn(1, 3, 64, 64), "se")
+    assert len(report.sites) == 16
+    assert report.sites[0].psi == ("layer1.0.asr.psi",)
+    assert report.sites[0].gated_norm == "layer1.0.bn3"  # trained inside bn3's affine
+
+
+def test_where_and_repeats():
+    """where picks modules by path; repeats=2 puts two modules, each with its own parameters."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    where = lambda path, module: path.startswith("layer4") and isinstance(module, nn.BatchNorm2d)
+    gm, report = _check(model, torch.randn(2, 3, 32, 32), "eca", where=where, repeats=2)
+    paths = [s.module_path for s in report.sites]
+    assert len(paths) == 2 * 5 and "layer4.0.asr" in paths and "layer4.0.asr_1" in paths
+    assert all(p.startswith("layer4") for p in paths)
+
+
+def test_bad_arguments():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="unknown attention 'sse'"):
+        asrfx.insert(model, "sse", torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="repeats"):
+        asrfx.insert(model, "se", torch.randn(1, 3, 8, 8), repeats=0)
+    with pytest.raises(asrfx.AsrfxError, match="where="):
+        asrfx.insert(nn.Sequential(nn.Conv2d(3, 4, 3)), "se", torch.randn(1, 3, 8, 8))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, blocks: int, c: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                          nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)) for _ in range(blocks))
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(block(x) + x)
+        return self.head(x.mean((2, 3)))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(ATTENTION)), st.sampled_from(["default", "every_bn", "first_block"]),
+       st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
+def test_kind_placement_repeats(kind, placement, repeats, blocks, seed):
+    """Any kind x placement x repeats: fuse(insert(m)) has m's size and the psi form's outputs."""
+    torch.manual_seed(seed)
+    model = SmallResNet(blocks).eval()
+    where = {"default": None,
+             "every_bn": lambda path, module: isinstance(module, nn.BatchNorm2d),
+             "first_block": lambda path, module: path == "blocks.0.4"}[placement]
+    gm, report = _check(model, torch.randn(2, 3, 8, 8), kind, where=where, repeats=repeats,
+                        psi_init=lambda site, shape: torch.rand(shape) + 0.05)
+    places = {"default": blocks, "every_bn": 1 + 2 * blocks, "first_block": 1}[placement]
+    assert len(report.sites) == places * repeats
