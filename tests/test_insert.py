@@ -36,6 +36,15 @@ def test_torchvision_backbones(backbone, sites, attention):
     assert len(report.sites) == sites
 
 
+def test_vgg19_bn():
+    """No residual adds: a gate after every BatchNorm (16 in VGG-19-BN)."""
+    import torchvision
+
+    model = torchvision.models.vgg19_bn(weights=None).eval()
+    _, report = _check(model, torch.randn(1, 3, 32, 32), "se")
+    assert len(report.sites) == 16
+
+
 def test_default_placement_is_after_the_last_bn_of_each_residual_block():
     """ResNet bottleneck: after bn3, before the add (the paper's and official code's placement)."""
     import torchvision
@@ -99,3 +108,41 @@ def test_kind_placement_repeats(kind, placement, repeats, blocks, seed):
                         psi_init=lambda site, shape: torch.rand(shape) + 0.05)
     places = {"default": blocks, "every_bn": 1 + 2 * blocks, "first_block": 1}[placement]
     assert len(report.sites) == places * repeats
+
+
+@pytest.mark.parametrize("name, blocks, params", [("resnet56", 27, 0.86e6), ("resnet110", 54, 1.74e6),
+                                                  ("resnet83", 27, 0.89e6), ("resnet164", 54, 1.73e6)])
+def test_paper_cifar_resnets(name, blocks, params):
+    """The paper's backbones (Table 1: ResNet-164 on CIFAR-100 has 1.73M parameters)."""
+    from asrfx import models
+
+    model = getattr(models, name)(num_classes=100).eval()
+    assert abs(count(model) - params) / params < 0.02
+    _, report = _check(model, torch.randn(2, 3, 32, 32), "se")
+    assert len(report.sites) == blocks
+    last_bn = "bn3" if "164" in name or "83" in name else "bn2"
+    assert all(s.gated_norm and s.gated_norm.endswith(last_bn) for s in report.sites)
+
+
+def test_cifar_resnet_depths_are_checked():
+    from asrfx.models import cifar_resnet
+
+    with pytest.raises(ValueError, match="9n\\+2"):
+        cifar_resnet(100, "bottleneck")
+
+
+def test_vit_gates_act_on_tokens_after_layernorm():
+    """torchvision ViT: gates on [N, L, D] tokens after each block's LayerNorm fold into it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
+    gm, report = _check(model, torch.randn(2, 3, 32, 32), "se")
+    assert [s.module_path for s in report.sites] == [
+        "encoder.layers.encoder_layer_0.asr", "encoder.layers.encoder_layer_0.asr_1",
+        "encoder.layers.encoder_layer_1.asr", "encoder.layers.encoder_layer_1.asr_1"]
+    fused = asrfx.fuse(gm.eval())
+    into = {f.into[0] for f in asrfx.report_of(fused).folds}
+    assert into == {f"encoder.layers.encoder_layer_{i}.ln_{j}" for i in (0, 1) for j in (1, 2)}
