@@ -248,7 +248,7 @@ def _replace(gm, site, psi_init, constants, modules, flows, applications) -> Con
                 if user in excitation:
                     user.replace_input_with(stat, psi)
             created.append(qualified)
-    ordered = [n for n in gm.graph.nodes if n in excitation]
+    ordered = sorted(excitation)
     _constant_shapes(ordered, constants)
     frozen = _freeze_norms(gm, ordered, modules)
     for use in site.uses:
@@ -277,8 +277,7 @@ def _closure(site: AttentionSite, flows) -> list[fx.Node]:
 def _keep(gm, site, psi_init, constants, modules, flows, applications) -> ConvertedSite:
     """ASR(k) + k: a psi-driven copy of the excitation gates x before the original attention."""
     graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    closure = sorted(_closure(site, flows), key=order.get)
+    closure = sorted(_closure(site, flows))  # fx nodes compare by their place in the graph
     # copies of every module / attribute the excitation uses, with their own parameters
     targets = sorted({str(n.target) for n in closure if n.op in ("call_module", "get_attr")})
     base = site.module_path
@@ -300,8 +299,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
     names = _psi_names(site, modules)
     like = _like_tensor(gm)
     x_nodes = {u.x for u in site.uses}
-    first = min((u for x in x_nodes for u in x.users if not is_shape_query(u, op_of(u, modules))),
-                key=order.get)
+    first = min(u for x in x_nodes for u in x.users if not is_shape_query(u, op_of(u, modules)))
     env: dict[fx.Node, fx.Node] = {}
     created = []
     with graph.inserting_before(first):
@@ -372,12 +370,14 @@ def convert_sites(
     """Rewrite ``sites`` of ``gm`` in place; returns ``gm`` and a report."""
     report = ConvertReport()
     constants = shape_constants(gm, layouts)
+    modules = dict(gm.named_modules())
     for site in sites:
         reason = why_not_convertible(site)
         if reason:
             report.skipped.append((site.module_path, reason))
             continue
-        modules = dict(gm.named_modules())
+        if keep:  # keep mode adds copies of modules; replace mode adds only parameters
+            modules = dict(gm.named_modules())
         rewrite = _keep if keep else _replace
         report.sites.append(rewrite(gm, site, psi_init, constants, modules, flows, report.applications))
     return finish(gm), report
@@ -466,7 +466,6 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> s
 
 def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:
     """Move the gate's parameter-only subgraph in front of ``anchor``; False if it reads data."""
-    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
     ancestors, stack = {gate}, [gate]
     while stack:
         for i in stack.pop().all_input_nodes:
@@ -475,7 +474,7 @@ def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:
             if i not in ancestors:
                 ancestors.add(i)
                 stack.append(i)
-    for node in sorted(ancestors, key=order.get):
-        if order[node] > order[anchor]:
+    for node in sorted(ancestors):  # fx nodes compare by their place in the graph
+        if node > anchor:
             anchor.prepend(node)
     return True

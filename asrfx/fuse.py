@@ -18,6 +18,7 @@ Pattern, legality check (returns a reason), rewrite, as in the other passes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,8 +219,16 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor | None) -> None
     setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
 
 
-def _calls(gm: fx.GraphModule, target: str) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+class _Modules(dict):
+    """``dict(gm.named_modules())`` plus how often the graph calls each module path."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm.named_modules())
+        self.calls = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def _calls(modules: _Modules, target: str) -> int:
+    return modules.calls[target]
 
 
 def _fold_into_layer(gm, node: fx.Node, v, axis: int, op: str, rank: int, modules) -> str | None:
@@ -228,7 +237,7 @@ def _fold_into_layer(gm, node: fx.Node, v, axis: int, op: str, rank: int, module
     name = op_of(node, modules).name
     if node.op == "call_module":
         module = modules[str(node.target)]
-        if _calls(gm, str(node.target)) != 1:
+        if _calls(modules, str(node.target)) != 1:
             return f"'{node.target}' is called more than once (shared weights)"
         if isinstance(module, GatedBatchNorm):
             return f"'{node.target}' still holds a gate"
@@ -355,7 +364,7 @@ def _consumers(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
         if r.op != "call_module" or name not in ("conv", "linear") or r.args[0] is not g.combine:
             return [], f"'{r.name}' ({name}) reads the gated tensor and cannot absorb the gate"
         module = modules[str(r.target)]
-        if _calls(gm, str(r.target)) != 1:
+        if _calls(modules, str(r.target)) != 1:
             return [], f"'{r.target}' is called more than once (shared weights)"
         if (name == "conv" and axis != 1) or (name == "linear" and axis != rank - 1):
             return [], f"'{r.target}' reads channels on another axis than the gate's"
@@ -401,7 +410,7 @@ def _batchnorm_after(gm, node: fx.Node, modules):
     if bn.op == "call_module":
         module = modules[str(bn.target)]
         if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or module.bias is None \
-                or module.running_var is None or _calls(gm, str(bn.target)) != 1:
+                or module.running_var is None or _calls(modules, str(bn.target)) != 1:
             return None
         return module, "bias", module.weight, module.running_var, module.eps
     args = list(bn.args) + [None] * (8 - len(bn.args))
@@ -470,7 +479,7 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
     evaluator = _Evaluator(gm)
     _fold_gated_batchnorms(gm, evaluator, report)
     replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
-    modules = dict(gm.named_modules())
+    modules = _Modules(gm)  # folding changes parameters, never which modules the graph calls
     for g in constant_gates(gm):
         x = g.x
         while x in replaced:  # a gate on a tensor an earlier gate was folded from (repeats)
