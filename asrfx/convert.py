@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .graph import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from .modules import GatedBatchNorm
-from .ops import SHAPE_ONLY_OPERAND, is_shape_query, node_shape, node_shapes, op_of
+from .ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
 from .site import AttentionSite, Combine
 
 __all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "convert_sites", "why_not_convertible",
@@ -407,14 +407,6 @@ def move_gates_into_batchnorm(gm: fx.GraphModule, report: ConvertReport) -> fx.G
 _NON_NEGATIVE = frozenset({"sigmoid", "hardsigmoid", "softmax", "relu", "relu6", "exp", "softplus"})
 
 
-def _shape_only_reader(user: fx.Node, x: fx.Node, modules) -> bool:
-    """A user that reads only x's shape: x.size(), or y.expand_as(x)."""
-    op = op_of(user, modules)
-    if is_shape_query(user, op):
-        return True
-    return op.name in SHAPE_ONLY_OPERAND and user.args[0] is not x
-
-
 _CHAIN = frozenset({"identity", "dropout"})  # commute with any per-channel scale
 
 
@@ -426,7 +418,7 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> s
     if op_of(combine, modules).name != "mul":
         return None
     non_negative = op_of(gate, modules).name in _NON_NEGATIVE
-    readers = lambda n: [u for u in n.users if not _shape_only_reader(u, n, modules)]
+    readers = lambda n: data_readers(n, modules)
     if readers(x) != [combine]:
         return None
     bn_node = x

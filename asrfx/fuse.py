@@ -38,7 +38,7 @@ from .fold import (
 )
 from .graph import finish
 from .modules import GatedBatchNorm
-from .ops import SHAPE_ONLY_OPERAND, is_shape_query, node_shape, op_of
+from .ops import SHAPE_ONLY_OPERAND, data_readers, is_shape_query, node_shape, op_of
 from .tracing import as_input_tuple, propagate_shapes
 
 __all__ = ["Fold", "FuseReport", "fuse_graph", "constant_gates"]
@@ -206,11 +206,6 @@ def _vector(value: torch.Tensor, x_shape: tuple[int, ...]) -> tuple[torch.Tensor
     return v.reshape(-1), axis, ""
 
 
-def _readers(node: fx.Node, modules) -> list[fx.Node]:
-    return [u for u in node.users if not is_shape_query(u, op_of(u, modules))
-            and not (op_of(u, modules).name in SHAPE_ONLY_OPERAND and u.args[0] is not node)]
-
-
 def _set_param(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
     if value is None:
         return
@@ -328,8 +323,8 @@ def _axis_before(node: fx.Node, axis: int, name: str) -> int | None:
 def _producer(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
     """Fold into the layer that produced x, looking through commuting ops."""
     node, rank = g.x, len(node_shape(g.x) or ())
-    if _readers(node, modules) != [g.combine]:
-        others = [u.name for u in _readers(node, modules) if u is not g.combine]
+    if data_readers(node, modules) != [g.combine]:
+        others = [u.name for u in data_readers(node, modules) if u is not g.combine]
         return [], f"x is also read unscaled by '{others[0]}'"
     while True:
         name = op_of(node, modules).name
@@ -349,14 +344,14 @@ def _producer(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
                 return [], reason
             return [str(node.target) if node.op == "call_module" else node.name], None
         nxt = node.args[0] if node.args else None
-        if not isinstance(nxt, fx.Node) or _readers(nxt, modules) != [node]:
+        if not isinstance(nxt, fx.Node) or data_readers(nxt, modules) != [node]:
             return [], f"'{node.name}' ({name}) reads a tensor that others read too"
         node = nxt
 
 
 def _consumers(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
     """Fold into every reader of the gated tensor (conv/linear input slices)."""
-    readers = _readers(g.combine, modules)
+    readers = data_readers(g.combine, modules)
     rank = len(node_shape(g.combine) or ())
     plans = []
     for r in readers:
@@ -401,7 +396,7 @@ def owner_path(gm: fx.GraphModule, owner: nn.Module) -> str:
 
 def _batchnorm_after(gm, node: fx.Node, modules):
     """The eval-mode BatchNorm that alone reads ``node``: (owner, bias attr, weight, var, eps)."""
-    readers = _readers(node, modules)
+    readers = data_readers(node, modules)
     if len(readers) != 1:
         return None
     bn = readers[0]

@@ -32,6 +32,7 @@ __all__ = [
     "SHAPE_QUERIES",
     "SHAPE_ONLY_OPERAND",
     "data_inputs",
+    "data_readers",
     "is_shape_query",
 ]
 
@@ -233,3 +234,14 @@ def data_inputs(node: fx.Node, op: Op) -> list[fx.Node]:
 def is_shape_query(node: fx.Node, op: Op) -> bool:
     """x.shape, x.size(), x.dim(): reads no data of x."""
     return op.name == "shape" or (node.op == "call_method" and op.name in ("size", "dim", "numel"))
+
+
+def data_readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
+    """Users of ``node`` that read its values: not x.size(), x.shape, or y.expand_as(x)."""
+    readers = []
+    for user in node.users:
+        op = op_of(user, modules)
+        if is_shape_query(user, op) or (op.name in SHAPE_ONLY_OPERAND and user.args[0] is not node):
+            continue
+        readers.append(user)
+    return readers
