@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .detect import pool_branch
 from .graph import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from .modules import GatedBatchNorm
 from .ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
@@ -330,7 +331,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
             env[use.gate].meta[ASR_META] = {"role": "gate", "site": site.module_path}
     # the original attention now sees the ASR-gated x
     internal = set(site.pools) | set(site.excitation) | {u.combine for u in site.uses}
-    internal |= {n for n in graph.nodes if n not in gated.values() and _reads_towards(n, site)}
+    internal |= pool_branch(site.uses, frozenset(site.pools))
     for x, new_x in gated.items():
         for user in list(x.users):
             if user is not new_x and user in internal and not is_shape_query(user, op_of(user, modules)):
@@ -339,23 +340,6 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
     modules = dict(gm.named_modules())
     frozen = _freeze_norms(gm, copies, modules)
     return ConvertedSite(site.module_path, site.kind.value, "keep", tuple(created), tuple(frozen), None)
-
-
-def _reads_towards(node: fx.Node, site: AttentionSite) -> bool:
-    """Whether ``node`` lies on the path from x to the site's pools (the pool branch)."""
-    xs = {u.x for u in site.uses}
-    if not any(i in xs for i in node.all_input_nodes):
-        return False
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in site.pools:
-            return True
-        if n in seen or len(seen) > 64:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return False
 
 
 def convert_sites(

@@ -32,7 +32,7 @@ from .ops import (
 )
 from .site import Absorption, AttentionSite, Combine, GateUse, Rejection, SiteKind
 
-__all__ = ["Flow", "Detection", "analyse_flow", "detect", "module_path_of"]
+__all__ = ["Flow", "Detection", "analyse_flow", "detect", "module_path_of", "pool_branch"]
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def _record(group: list[_Match], flows, layouts, modules, order) -> AttentionSit
     excitation = _excitation(uses, pools, flows)
     first = group[0]
     x_shape = node_shape(first.use.x)
-    branch = _pool_branch(uses, pools)
+    branch = pool_branch(uses, pools)
     internal = set(excitation) | set(pools) | branch | {u.combine for u in uses}
     kind = _classify(uses, pools, excitation, layouts, modules)
     paths = [p for n in sorted(pools | set(excitation), key=order.get) if (p := module_path_of(n))]
@@ -356,7 +356,7 @@ def _excitation(uses: tuple[GateUse, ...], pools: frozenset[fx.Node], flows) -> 
     return list(seen)
 
 
-def _pool_branch(uses: tuple[GateUse, ...], pools: frozenset[fx.Node]) -> set[fx.Node]:
+def pool_branch(uses: tuple[GateUse, ...], pools: frozenset[fx.Node]) -> set[fx.Node]:
     """Nodes between x and the pools (GC's mask conv and softmax, SRM's view)."""
     xs = {u.x for u in uses}
     branch: set[fx.Node] = set()
