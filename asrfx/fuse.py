@@ -383,19 +383,16 @@ def _consumers(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
         if norm is None:  # a bias is created if the layer has none
             _set_param(module, "bias", shift if module.bias is None else module.bias + shift)
         else:  # no bias to create: the BatchNorm after the layer takes the shift
-            owner, bias_name, weight, var, eps = norm
+            owner, bias_name, qualified, weight, var, eps = norm
             _set_param(owner, bias_name, fold_shift_through_batchnorm(getattr(owner, bias_name), weight, var, eps,
                                                                      shift))
-            into.append(f"{owner_path(gm, owner)}.{bias_name}")
+            into.append(qualified)
     return into, None
 
 
-def owner_path(gm: fx.GraphModule, owner: nn.Module) -> str:
-    return next((name for name, m in gm.named_modules() if m is owner), "")
-
-
 def _batchnorm_after(gm, node: fx.Node, modules):
-    """The eval-mode BatchNorm that alone reads ``node``: (owner, bias attr, weight, var, eps)."""
+    """The eval-mode BatchNorm that alone reads ``node``:
+    (owner module, bias attribute, bias qualified name, weight, running var, eps)."""
     readers = data_readers(node, modules)
     if len(readers) != 1:
         return None
@@ -407,7 +404,7 @@ def _batchnorm_after(gm, node: fx.Node, modules):
         if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or module.bias is None \
                 or module.running_var is None or _calls(modules, str(bn.target)) != 1:
             return None
-        return module, "bias", module.weight, module.running_var, module.eps
+        return module, "bias", f"{bn.target}.bias", module.weight, module.running_var, module.eps
     args = list(bn.args) + [None] * (8 - len(bn.args))
     get = lambda key, i: bn.kwargs.get(key, args[i])
     bias, weight, var, eps = get("bias", 4), get("weight", 3), get("running_var", 2), get("eps", 7)
@@ -419,7 +416,8 @@ def _batchnorm_after(gm, node: fx.Node, modules):
     weight_value = getattr(fetch(weight), str(weight.target).rpartition(".")[2]) \
         if isinstance(weight, fx.Node) else None
     var_value = getattr(fetch(var), str(var.target).rpartition(".")[2])
-    return owner, str(bias.target).rpartition(".")[2], weight_value, var_value, 1e-5 if eps is None else eps
+    return (owner, str(bias.target).rpartition(".")[2], str(bias.target), weight_value, var_value,
+            1e-5 if eps is None else eps)
 
 
 # -- the pass --------------------------------------------------------------------------------------
@@ -444,9 +442,9 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: _Evaluator, report: Fu
         bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                     device=v.device, dtype=v.dtype if v.is_floating_point() else like.dtype)
         bn.load_state_dict(module.state_dict())
-        w, b = fold_output_affine(module.weight if module.weight is not None else torch.ones_like(v),
-                                  module.bias, v)
-        _set_param(bn, "weight", w) if module.weight is not None else None
+        w, b = fold_output_affine(module.weight, module.bias, v)
+        if module.weight is not None:
+            _set_param(bn, "weight", w)
         _set_param(bn, "bias", b)
         bn.train(module.training)
         path = str(node.target)
