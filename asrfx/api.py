@@ -119,11 +119,12 @@ def convert(
 
 
 def fuse(
-    gm: nn.Module,
+    gm: nn.Module | torch.export.ExportedProgram,
     example_inputs: Any = None,
     *,
     inplace: bool = False,
-) -> fx.GraphModule:
+    dynamic_shapes: Any = None,
+) -> fx.GraphModule | torch.export.ExportedProgram:
     """Fold every constant (ASR) gate into the backbone, for deployment.
 
     ``gm`` is the result of :func:`convert` after training, in eval mode (BatchNorm
@@ -131,7 +132,17 @@ def fuse(
     ``example_inputs`` are needed only if ``gm``'s nodes carry no shape metadata.
     Returns a GraphModule with no psi, no excitation and no pooling of the attention
     blocks; :func:`report_of` lists every gate as folded (into which layers) or kept (why).
+
+    ``gm`` may also be a ``torch.export.ExportedProgram`` of an eval-mode ASR model: the
+    result is then the exported program of the fused backbone, exported again from the
+    program's example inputs (pass ``dynamic_shapes`` as for ``torch.export.export`` to
+    keep dimensions dynamic). The recommended route is ``torch.export.export(fuse(gm), ...)``.
     """
+    if isinstance(gm, torch.export.ExportedProgram):
+        return _fuse_exported(gm, dynamic_shapes)
+    if dynamic_shapes is not None:
+        raise TypeError("fuse(dynamic_shapes=...) applies to an ExportedProgram only; "
+                        "for a GraphModule, pass dynamic_shapes to torch.export.export(fuse(gm), ...)")
     if gm.training or any(m.training for m in gm.modules()):
         raise AsrfxError(
             f"fuse folds BatchNorm statistics and gates as constants, so it needs an eval-mode model: "
@@ -211,9 +222,35 @@ def insert(
     return convert(gm, example_inputs, psi_init=psi_init, inplace=True)
 
 
-def report_of(gm: fx.GraphModule) -> ConvertReport | FuseReport | None:
+def report_of(gm: fx.GraphModule | torch.export.ExportedProgram) -> ConvertReport | FuseReport | None:
     """The report an asrfx pass left on ``gm`` (None if it has none)."""
+    if isinstance(gm, torch.export.ExportedProgram):
+        gm = gm.graph_module
     return getattr(gm, "meta", {}).get("asrfx")
+
+
+def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """Unlift the program (parameters become get_attr constants), fold, export again."""
+    from torch.utils._pytree import tree_leaves
+
+    from .frozen import fuse_frozen, mark_psi
+
+    training = [n.name for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
+                and len(n.args) > 5 and n.args[5] is True]
+    if training:
+        raise AsrfxError(f"the exported program normalizes with batch statistics ('{training[0]}'): export the "
+                         "model in eval mode (call .eval() before torch.export.export), then fuse")
+    if program.example_inputs is None:
+        raise AsrfxError("the exported program keeps no example inputs (it was loaded or built without them): "
+                         "fuse the GraphModule from asrfx.convert, then export it")
+    args, kwargs = program.example_inputs
+    module = program.module()  # a new module: the program itself is never changed
+    for node in module.graph.find_nodes(op="get_attr"):
+        mark_psi(node, str(node.target))
+    report = fuse_frozen(module, tree_leaves((args, kwargs)))
+    fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+    fused.graph_module.meta["asrfx"] = report
+    return fused
 
 
 def _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args, require_inputs=False):

@@ -18,7 +18,6 @@ Pattern, legality check (returns a reason), rewrite, as in the other passes.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,11 +36,12 @@ from .fold import (
     fold_shift_through_batchnorm,
 )
 from .graph import finish
+from .layers import Layer, LayerIndex, layer_of, set_parameter
 from .modules import GatedBatchNorm
 from .ops import SHAPE_ONLY_OPERAND, data_readers, is_shape_query, node_shape, op_of
 from .tracing import as_input_tuple, propagate_shapes
 
-__all__ = ["Fold", "FuseReport", "fuse_graph", "constant_gates"]
+__all__ = ["Fold", "FuseReport", "fuse_graph", "constant_gates", "ConstantEvaluator", "drop_unused_attributes"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _computed(node: fx.Node) -> bool:
     return False
 
 
-class _Evaluator(fx.Interpreter):
+class ConstantEvaluator(fx.Interpreter):
     """Evaluates parameter-only nodes of a graph, caching values."""
 
     def __init__(self, gm: fx.GraphModule):
@@ -145,6 +145,10 @@ class _Evaluator(fx.Interpreter):
         size = torch.Size(shape)
         if n.op == "call_method" and n.target == "size" and (len(n.args) > 1 or "dim" in n.kwargs):
             return size[n.args[1] if len(n.args) > 1 else n.kwargs["dim"]]
+        if n.op == "call_function" and op_of(n, {}).name == "sym_size":  # aten.sym_size.int(x, dim)
+            return size[n.args[1]]
+        if n.op == "call_function" and op_of(n, {}).name == "sym_numel":
+            return size.numel()
         if n.op == "call_method" and n.target in ("dim", "ndimension"):
             return len(size)
         if n.op == "call_method" and n.target == "numel":
@@ -206,78 +210,33 @@ def _vector(value: torch.Tensor, x_shape: tuple[int, ...]) -> tuple[torch.Tensor
     return v.reshape(-1), axis, ""
 
 
-def _set_param(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    if value is None:
-        return
-    old = getattr(module, name, None)
-    requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
-    setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
-
-
-class _Modules(dict):
-    """``dict(gm.named_modules())`` plus how often the graph calls each module path."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm.named_modules())
-        self.calls = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-
-
-def _calls(modules: _Modules, target: str) -> int:
-    return modules.calls[target]
-
-
-def _fold_into_layer(gm, node: fx.Node, v, axis: int, op: str, rank: int, modules) -> str | None:
+def _fold_into_layer(gm, node: fx.Node, v, axis: int, op: str, rank: int, modules: LayerIndex) -> str | None:
     """Legality check + rewrite of one absorbing layer; returns a reason if it cannot."""
     scale, shift = (v, None) if op == "mul" else (None, v)
-    name = op_of(node, modules).name
-    if node.op == "call_module":
-        module = modules[str(node.target)]
-        if _calls(modules, str(node.target)) != 1:
-            return f"'{node.target}' is called more than once (shared weights)"
-        if isinstance(module, GatedBatchNorm):
-            return f"'{node.target}' still holds a gate"
-        if name in ("conv", "batch_norm", "group_norm") and axis != 1:
-            return f"'{node.target}' has channels on axis 1, the gate is on axis {axis}"
-        if name in ("linear", "layer_norm") and axis != rank - 1:
-            return f"'{node.target}' has features on the last axis, the gate is on axis {axis}"
-        if name == "conv":
-            w, b = fold_output_affine(module.weight, module.bias, scale, shift)
-        elif name == "conv_transpose":
-            if axis != 1:
-                return f"'{node.target}' has channels on axis 1, the gate is on axis {axis}"
-            w, b = fold_conv_transpose_output_affine(module.weight, module.bias, module.groups, scale, shift)
-        elif name == "linear":
-            w, b = fold_output_affine(module.weight, module.bias, scale, shift)
-        elif name in ("batch_norm", "group_norm", "layer_norm"):
-            affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
-            if not affine or module.weight is None:
-                return f"'{node.target}' ({type(module).__name__}) has no affine parameters to absorb it"
-            if name == "layer_norm" and tuple(module.normalized_shape) != (v.numel(),):
-                return f"'{node.target}' normalizes {tuple(module.normalized_shape)}, not the gated axis alone"
-            if module.bias is None and shift is not None:
-                return f"'{node.target}' has no bias for the shift"
-            w, b = fold_output_affine(module.weight, module.bias, scale, shift)
-        else:
-            return f"'{node.target}' ({type(module).__name__}) cannot absorb a per-channel constant"
-        _set_param(module, "weight", w)
-        _set_param(module, "bias", b)
-        return None
-    if name == "batch_norm" and node.op == "call_function":  # functional, e.g. timm's BatchNormAct2d
-        args = list(node.args) + [None] * (5 - len(node.args))
-        weight, bias = node.kwargs.get("weight", args[3]), node.kwargs.get("bias", args[4])
-        if axis != 1 or not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-            return f"'{node.name}' (functional batch_norm) has no weight parameter to scale"
-        if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-            return f"'{node.name}' (functional batch_norm) has no bias parameter"
-        owners = []
-        for attr in (weight, bias):
-            path, _, pname = str(attr.target).rpartition(".")
-            owners.append((gm.get_submodule(path) if path else gm, pname))
-        w, b = fold_output_affine(getattr(*owners[0]), getattr(*owners[1]), scale, shift)
-        _set_param(owners[0][0], owners[0][1], w)
-        _set_param(owners[1][0], owners[1][1], b)
-        return None
-    return f"'{node.name}' ({name}) cannot absorb a per-channel constant"
+    layer = layer_of(node, modules)
+    if isinstance(layer, str):
+        return layer
+    if isinstance(layer.module, GatedBatchNorm):
+        return f"'{layer.label}' still holds a gate"
+    channels_first = layer.name in ("conv", "conv_transpose", "batch_norm", "group_norm")
+    if channels_first and axis != 1:
+        return f"'{layer.label}' has channels on axis 1, the gate is on axis {axis}"
+    if not channels_first and axis != rank - 1:
+        return f"'{layer.label}' has features on the last axis, the gate is on axis {axis}"
+    if layer.name == "conv_transpose":
+        w, b = fold_conv_transpose_output_affine(layer.weight, layer.bias, layer.groups, scale, shift)
+    else:
+        if layer.name in ("batch_norm", "group_norm", "layer_norm") and layer.weight is None:
+            return f"'{layer.label}' has no affine parameters to absorb it"
+        if layer.name == "layer_norm" and layer.normalized_shape != (v.numel(),):
+            return f"'{layer.label}' normalizes {layer.normalized_shape}, not the gated axis alone"
+        if layer.name in ("batch_norm", "group_norm", "layer_norm") and layer.bias is None and shift is not None:
+            return f"'{layer.label}' has no bias for the shift"
+        w, b = fold_output_affine(layer.weight, layer.bias, scale, shift)
+    layer.set("weight", w)
+    if b is not None:
+        layer.set("bias", b)
+    return None
 
 
 _THROUGH_SCALE = {"identity": "any", "dropout": "any", "avg_pool": "any", "adaptive_avg_pool": "any",
@@ -349,75 +308,49 @@ def _producer(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
         node = nxt
 
 
-def _consumers(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
+def _consumers(gm, g: _Gate, v, axis, modules: LayerIndex) -> tuple[list[str], str | None]:
     """Fold into every reader of the gated tensor (conv/linear input slices)."""
     readers = data_readers(g.combine, modules)
     rank = len(node_shape(g.combine) or ())
     plans = []
     for r in readers:
-        name = op_of(r, modules).name
-        if r.op != "call_module" or name not in ("conv", "linear") or r.args[0] is not g.combine:
-            return [], f"'{r.name}' ({name}) reads the gated tensor and cannot absorb the gate"
-        module = modules[str(r.target)]
-        if _calls(modules, str(r.target)) != 1:
-            return [], f"'{r.target}' is called more than once (shared weights)"
-        if (name == "conv" and axis != 1) or (name == "linear" and axis != rank - 1):
-            return [], f"'{r.target}' reads channels on another axis than the gate's"
-        if g.op == "add":
-            padded = name == "conv" and (module.padding == "same" or any(p != 0 for p in (
-                module.padding if isinstance(module.padding, tuple) else (module.padding,))))
-            if padded or (name == "conv" and module.groups != 1):
-                return [], (f"'{r.target}' pads its input (or is grouped): a shift cannot fold into it exactly")
-        plans.append((r, module, name))
+        layer = layer_of(r, modules)
+        if isinstance(layer, str) or layer.name not in ("conv", "linear") or r.args[0] is not g.combine:
+            return [], f"'{r.name}' ({op_of(r, modules).name}) reads the gated tensor and cannot absorb the gate"
+        if (layer.name == "conv" and axis != 1) or (layer.name == "linear" and axis != rank - 1):
+            return [], f"'{layer.label}' reads channels on another axis than the gate's"
+        if g.op == "add" and (layer.padded or layer.groups != 1):
+            return [], f"'{layer.label}' pads its input (or is grouped): a shift cannot fold into it exactly"
+        plans.append(layer)
     if not plans:
         return [], "nothing reads the gated tensor"
     into = []
-    for r, module, name in plans:
-        into.append(str(r.target))
+    for layer in plans:
+        into.append(layer.label)
         if g.op == "mul":
-            groups = module.groups if name == "conv" else 1
-            _set_param(module, "weight", fold_input_scale(module.weight, v, groups))
+            layer.set("weight", fold_input_scale(layer.weight, v, layer.groups))
             continue
-        shift = fold_input_shift(module.weight, None, v)
-        norm = _batchnorm_after(gm, r, modules) if module.bias is None else None
+        shift = fold_input_shift(layer.weight, None, v)
+        norm = _batchnorm_after(layer.node, modules) if layer.bias is None else None
         if norm is None:  # a bias is created if the layer has none
-            _set_param(module, "bias", shift if module.bias is None else module.bias + shift)
+            layer.set("bias", shift if layer.bias is None else layer.bias + shift)
         else:  # no bias to create: the BatchNorm after the layer takes the shift
-            owner, bias_name, qualified, weight, var, eps = norm
-            _set_param(owner, bias_name, fold_shift_through_batchnorm(getattr(owner, bias_name), weight, var, eps,
-                                                                     shift))
-            into.append(qualified)
+            norm.set("bias", fold_shift_through_batchnorm(norm.bias, norm.weight, norm.running_var, norm.eps, shift))
+            into.append(norm.qualified_bias)
     return into, None
 
 
-def _batchnorm_after(gm, node: fx.Node, modules):
-    """The eval-mode BatchNorm that alone reads ``node``:
-    (owner module, bias attribute, bias qualified name, weight, running var, eps)."""
+def _batchnorm_after(node: fx.Node, modules: LayerIndex) -> Layer | None:
+    """The eval-mode BatchNorm with running statistics and a bias that alone reads ``node``."""
     readers = data_readers(node, modules)
-    if len(readers) != 1:
+    if len(readers) != 1 or readers[0].args[0] is not node:
         return None
-    bn = readers[0]
-    if op_of(bn, modules).name != "batch_norm" or bn.args[0] is not node:
+    bn = layer_of(readers[0], modules)
+    if isinstance(bn, str) or bn.name != "batch_norm" or bn.bias is None or bn.running_var is None:
         return None
-    if bn.op == "call_module":
-        module = modules[str(bn.target)]
-        if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or module.bias is None \
-                or module.running_var is None or _calls(modules, str(bn.target)) != 1:
-            return None
-        return module, "bias", f"{bn.target}.bias", module.weight, module.running_var, module.eps
-    args = list(bn.args) + [None] * (8 - len(bn.args))
-    get = lambda key, i: bn.kwargs.get(key, args[i])
-    bias, weight, var, eps = get("bias", 4), get("weight", 3), get("running_var", 2), get("eps", 7)
-    if not (isinstance(bias, fx.Node) and bias.op == "get_attr" and isinstance(var, fx.Node)
-            and var.op == "get_attr"):
+    if bn.module is not None and type(bn.module) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return None
-    fetch = lambda n: gm.get_submodule(str(n.target).rpartition(".")[0]) if "." in str(n.target) else gm
-    owner = fetch(bias)
-    weight_value = getattr(fetch(weight), str(weight.target).rpartition(".")[2]) \
-        if isinstance(weight, fx.Node) else None
-    var_value = getattr(fetch(var), str(var.target).rpartition(".")[2])
-    return (owner, str(bias.target).rpartition(".")[2], str(bias.target), weight_value, var_value,
-            1e-5 if eps is None else eps)
+    return bn
 
 
 # -- the pass --------------------------------------------------------------------------------------
@@ -428,7 +361,7 @@ def _site_of(g: _Gate) -> str:
     return meta.get("site") or module_path_of(g.combine) or ""
 
 
-def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: _Evaluator, report: FuseReport) -> None:
+def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, report: FuseReport) -> None:
     """GatedBatchNorm(y, v) with a constant v becomes a plain BatchNorm with gamma*v, beta*v."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -444,8 +377,8 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: _Evaluator, report: Fu
         bn.load_state_dict(module.state_dict())
         w, b = fold_output_affine(module.weight, module.bias, v)
         if module.weight is not None:
-            _set_param(bn, "weight", w)
-        _set_param(bn, "bias", b)
+            set_parameter(bn, "weight", w)
+        set_parameter(bn, "bias", b)
         bn.train(module.training)
         path = str(node.target)
         parent, _, attr = path.rpartition(".")
@@ -469,10 +402,10 @@ def _keep_constant(gm: fx.GraphModule, g: _Gate, value: torch.Tensor) -> None:
 def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
     """Fold every constant gate of ``gm`` (eval mode, nodes with shapes) in place."""
     report = FuseReport()
-    evaluator = _Evaluator(gm)
+    evaluator = ConstantEvaluator(gm)
     _fold_gated_batchnorms(gm, evaluator, report)
     replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
-    modules = _Modules(gm)  # folding changes parameters, never which modules the graph calls
+    modules = LayerIndex(gm)  # folding changes parameters, never which modules the graph calls
     for g in constant_gates(gm):
         x = g.x
         while x in replaced:  # a gate on a tensor an earlier gate was folded from (repeats)
@@ -502,11 +435,11 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
         report.folds.append(Fold(site, g.op, tuple(into), where,
                                  f"folded into the {where}" + (f" ({why_producer})" if where == "consumers" else "")))
     finish(gm)
-    _drop_unused_attributes(gm)
+    drop_unused_attributes(gm)
     return gm, report
 
 
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+def drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Parameters and buffers nothing reads any more (psi registered on a live module)."""
     used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}

@@ -179,7 +179,9 @@ def op_of(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
         return Op("getitem")
     if not _is_torch_callable(target):
         return Op("function")
-    name, dims = _canonical(getattr(target, "__name__", str(target)))
+    # aten ops (exported programs) are named by their op, not the overload: aten.mul.Tensor -> "mul"
+    raw = target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    name, dims = _canonical(raw)
     return Op(name, None, dims)
 
 
@@ -233,7 +235,8 @@ def data_inputs(node: fx.Node, op: Op) -> list[fx.Node]:
 
 def is_shape_query(node: fx.Node, op: Op) -> bool:
     """x.shape, x.size(), x.dim(): reads no data of x."""
-    return op.name == "shape" or (node.op == "call_method" and op.name in ("size", "dim", "numel"))
+    return op.name == "shape" or (node.op == "call_method" and op.name in ("size", "dim", "numel")) or (
+        node.op == "call_function" and op.name in ("sym_size", "sym_numel", "sym_stride"))  # exported graphs
 
 
 def data_readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:

@@ -71,3 +71,50 @@ def test_onnx_runs_in_onnxruntime_without_attention_ops(models, tmp_path):
                 torch.testing.assert_close(torch.from_numpy(out), gm(x), rtol=1e-5, atol=1e-5)
     assert ops["fused"] == ops["backbone"]
     assert not {"Sigmoid", "HardSigmoid", "Mul"} & set(ops["fused"])
+
+
+def test_fuse_takes_an_exported_program_and_returns_the_backbones(models):
+    """
+    torch.export of the ASR model, then fuse:
+
+        before: conv2d(psi, ..) -> relu -> conv2d -> hardsigmoid -> mul(x, gate)   (aten ops, lifted params)
+        after:  the exported backbone's ops, exactly; no psi among the program's state
+
+    The given program is not changed.
+    """
+    gm, _, backbone, x = models
+    program = torch.export.export(gm, (x,))
+    before = _histogram(program)
+    state = {k: v.clone() for k, v in program.state_dict.items()}
+    fused = asrfx.fuse(program)
+    assert isinstance(fused, torch.export.ExportedProgram)
+    assert _histogram(fused) == _histogram(torch.export.export(backbone, (x,)))
+    assert not any("psi" in name for name in fused.state_dict)
+    params = lambda p: sum(v.numel() for k, v in p.named_parameters())
+    assert params(fused.module()) == sum(v.numel() for v in backbone.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fused.module()(x), gm(x), rtol=1e-5, atol=1e-5 * gm(x).abs().max().item())
+    report = asrfx.report_of(fused)
+    assert {f.site for f in report.folds} == {s.module_path for s in asrfx.report_of(gm).sites}
+    assert not report.kept
+    assert _histogram(program) == before and all(torch.equal(program.state_dict[k], v) for k, v in state.items())
+
+
+def test_fuse_of_an_exported_program_keeps_a_dynamic_batch(models):
+    gm, _, _, x = models
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(gm, (x,), dynamic_shapes=({0: batch},))
+    fused = asrfx.fuse(program, dynamic_shapes=({0: batch},))
+    x5 = torch.randn(5, *x.shape[1:])
+    with torch.no_grad():
+        want = gm(x5)
+        torch.testing.assert_close(fused.module()(x5), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fuse_refuses_a_program_exported_in_training_mode(models):
+    gm, _, _, x = models
+    program = torch.export.export(copy.deepcopy(gm).train(), (x,))
+    with pytest.raises(asrfx.AsrfxError, match=r"batch statistics .*call \.eval\(\)"):
+        asrfx.fuse(program)
+    with pytest.raises(TypeError, match="ExportedProgram only"):
+        asrfx.fuse(gm, dynamic_shapes=({0: torch.export.Dim("batch")},))

@@ -1,0 +1,191 @@
+"""Where a layer's parameters live, whichever way the graph calls it.
+
+A conv, linear or norm layer reaches a graph in two forms: a ``call_module`` node
+(``self.conv(x)``, torch.fx tracing) or a functional call reading ``get_attr`` nodes
+(``torch.conv2d(x, w, b)``, ``F.batch_norm(x, rm, rv, w, b)``: timm's BatchNormAct2d,
+TorchDynamo graphs with parameters frozen, exported programs). Fuse folds constants into
+both through one view, :class:`Layer`, so each folding rule is written once.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .graph import copy_meta, unique_attr_name
+from .ops import op_of
+
+__all__ = ["Layer", "LayerIndex", "layer_of", "set_parameter"]
+
+# Functional signatures: the positions of the arguments fuse reads (keywords have the same names).
+_SIGNATURES = {
+    "conv": {"weight": 1, "bias": 2, "padding": 4, "groups": 6},  # conv2d(x, w, b, stride, padding, dilation, groups)
+    "conv_transpose": {"weight": 1, "bias": 2, "groups": 6},  # (x, w, b, stride, padding, output_padding, groups)
+    "linear": {"weight": 1, "bias": 2},
+    "batch_norm": {"weight": 3, "bias": 4, "running_var": 2, "training": 5, "eps": 7},  # F.batch_norm(x, mean, var, w, b, ...)
+    "group_norm": {"weight": 2, "bias": 3},  # (x, num_groups, w, b, eps)
+    "layer_norm": {"normalized_shape": 1, "weight": 2, "bias": 3},  # (x, normalized_shape, w, b, eps)
+}
+# aten.batch_norm (exported programs) orders them differently: (x, w, b, mean, var, training, momentum, eps, cudnn)
+_ATEN_BATCH_NORM = {"weight": 1, "bias": 2, "running_var": 4, "training": 5, "eps": 7}
+
+
+def _signature(node: fx.Node, name: str) -> dict[str, int]:
+    if name == "batch_norm" and node.target is torch.ops.aten.batch_norm.default:
+        return _ATEN_BATCH_NORM
+    return _SIGNATURES[name]
+
+
+def set_parameter(owner: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Install a new Parameter (a copy of ``value``); the old tensor is never written to."""
+    if value is None:
+        return
+    old = getattr(owner, name, None)
+    requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
+    setattr(owner, name, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
+
+
+class LayerIndex(dict):
+    """``dict(gm.named_modules())``, plus how often the graph calls each module and reads
+    each attribute: folding into a layer whose weights are shared would change the others."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm.named_modules())
+        self.gm = gm
+        self.calls = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        self.reads = collections.Counter()
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                self.reads[str(n.target)] += len(n.users)
+
+
+@dataclass
+class Layer:
+    """One conv / conv-transpose / linear / norm call and its parameters."""
+
+    node: fx.Node  # the call
+    name: str  # canonical op: "conv", "conv_transpose", "linear", "batch_norm", "group_norm", "layer_norm"
+    label: str  # how reasons name it: the module path, or the node name of a functional call
+    module: nn.Module | None  # the called module, None for a functional call
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    groups: int  # conv groups (1 for other layers)
+    padded: bool  # a conv that pads its input (a shift cannot fold into it exactly)
+    normalized_shape: tuple[int, ...] | None  # layer_norm only
+    running_var: torch.Tensor | None  # batch_norm only
+    eps: float  # norms only
+    qualified_bias: str | None  # where the bias lives (a dotted attribute path), if it exists
+
+    def set(self, which: str, value: torch.Tensor) -> None:
+        """Replace the weight or bias (creating the bias of a functional call that has none)."""
+        if self.module is not None:
+            set_parameter(self.module, which, value)
+            return
+        gm = self.node.graph.owning_module
+        index = _signature(self.node, self.name)[which]
+        current = _argument(self.node, index, which)
+        if isinstance(current, fx.Node):
+            owner, attr = _owner(gm, str(current.target))
+            set_parameter(owner, attr, value)
+            return
+        attr = unique_attr_name(gm, f"{self.node.name}_{which}")
+        set_parameter(gm, attr, value)
+        with gm.graph.inserting_before(self.node):
+            getter = gm.graph.get_attr(attr)
+        copy_meta(self.node, getter)
+        getter.meta.pop("tensor_meta", None)
+        _set_argument(self.node, index, which, getter)
+
+
+def layer_of(node: fx.Node, index: LayerIndex) -> Layer | str:
+    """The layer ``node`` calls, or the reason fuse cannot change its parameters."""
+    op = op_of(node, index)
+    if op.name not in _SIGNATURES:
+        what = type(op.module).__name__ if op.module is not None else op.name
+        return f"'{node.target if node.op == 'call_module' else node.name}' ({what}) cannot absorb a per-channel constant"
+    if node.op == "call_module":
+        return _module_layer(node, op.name, index)
+    if node.op == "call_function":
+        return _functional_layer(node, op.name, index)
+    return f"'{node.name}' ({op.name}) cannot absorb a per-channel constant"
+
+
+def _module_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
+    path = str(node.target)
+    module = index[path]
+    if index.calls[path] != 1:
+        return f"'{path}' is called more than once (shared weights)"
+    padding = getattr(module, "padding", 0)
+    padded = name == "conv" and (padding == "same" or any(p != 0 for p in (
+        padding if isinstance(padding, tuple) else (padding,))))
+    return Layer(
+        node=node, name=name, label=path, module=module,
+        weight=getattr(module, "weight", None), bias=getattr(module, "bias", None),
+        groups=getattr(module, "groups", 1), padded=padded,
+        normalized_shape=tuple(module.normalized_shape) if name == "layer_norm" else None,
+        running_var=getattr(module, "running_var", None), eps=float(getattr(module, "eps", 0.0)),
+        qualified_bias=f"{path}.bias" if getattr(module, "bias", None) is not None else None,
+    )
+
+
+def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
+    gm = index.gm
+    signature = _signature(node, name)
+    read = lambda key, default=None: (_argument(node, signature[key], key) if key in signature else default)
+    values: dict[str, Any] = {}
+    for which in ("weight", "bias"):
+        arg = read(which)
+        if arg is None:
+            values[which] = None
+        elif isinstance(arg, fx.Node) and arg.op == "get_attr":
+            if index.reads[str(arg.target)] != 1:
+                return f"'{node.name}' ({name}) shares its {which} '{arg.target}' with other layers"
+            values[which] = _fetch(gm, str(arg.target))
+        else:
+            return f"'{node.name}' ({name}) computes its {which} in the graph; only stored parameters can absorb a constant"
+    if name == "batch_norm" and read("training") is True:
+        return f"'{node.name}' (batch_norm) normalizes with batch statistics (training mode)"
+    groups = read("groups", 1)
+    padding = read("padding", 0)
+    padding = 0 if padding is None else padding
+    if isinstance(padding, str):
+        padded = padding != "valid"
+    else:
+        padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+    var, eps, shape, bias_arg = read("running_var"), read("eps"), read("normalized_shape"), read("bias")
+    return Layer(
+        node=node, name=name, label=node.name, module=None,
+        weight=values["weight"], bias=values["bias"],
+        groups=1 if groups is None else int(groups), padded=padded,
+        normalized_shape=tuple(shape) if shape is not None else None,
+        running_var=_fetch(gm, str(var.target)) if isinstance(var, fx.Node) and var.op == "get_attr" else None,
+        eps=1e-5 if eps is None else float(eps),
+        qualified_bias=str(bias_arg.target) if isinstance(bias_arg, fx.Node) else None,
+    )
+
+
+def _argument(node: fx.Node, position: int, keyword: str) -> Any:
+    if keyword in node.kwargs:
+        return node.kwargs[keyword]
+    return node.args[position] if len(node.args) > position else None
+
+
+def _set_argument(node: fx.Node, position: int, keyword: str, value: Any) -> None:
+    if keyword in node.kwargs or len(node.args) <= position:
+        node.update_kwarg(keyword, value)
+    else:
+        node.update_arg(position, value)
+
+
+def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    path, _, attr = target.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, attr = _owner(gm, target)
+    return getattr(owner, attr)
