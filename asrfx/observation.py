@@ -33,7 +33,6 @@ from torch import fx, nn
 from .convert import ASR_META, CalibratedPsi, pooled_statistics, psi_names, why_not_convertible
 from .errors import AsrfxError
 from .moments import RunningMoments, relative_variation
-from .ops import node_shape
 from .site import AttentionSite
 
 __all__ = ["SiteStripe", "StripeStats", "GateProbe", "Measurement", "gate_probes", "measure", "calibrated_psi",

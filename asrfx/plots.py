@@ -75,13 +75,15 @@ def plot_stripes(stats: StripeStats, path: str | Path, *, sites: Sequence[int | 
         site = stats[index]
         before, after, hist = row
         if site.pooled_rows:
+            name = site.pooled_names[0]
+            which = "" if name == "psi" else f", {name.removeprefix('psi_')}"  # psi_avg -> avg
             _heatmap(fig, before, site.pooled_rows[0],
-                     f"{site.label}: before, pooled x ({site.pooled_names[0]} stat.), score {site.pooled_score:.3g}")
+                     f"{site.label}: before (pooled x{which}), score {site.pooled_score:.3g}")
         else:
             before.text(0.5, 0.5, f"{site.label}\npsi-driven gate: no pooled statistic",
                         ha="center", va="center", transform=before.transAxes)
             before.set_axis_off()
-        _heatmap(fig, after, site.gate_rows, f"{site.label} [{site.kind}]: after, gate, score {site.score:.3g}")
+        _heatmap(fig, after, site.gate_rows, f"{site.label} [{site.kind}]: after (gate), score {site.score:.3g}")
         gate_std = site.gate_std.float().numpy()
         series = [(gate_std, "gate (after)", "tab:orange")]
         if site.pooled_std:
