@@ -120,14 +120,17 @@ def test_streamed_statistics_equal_torch_over_the_captured_rows(name, sizes, see
         for mean, std, rows in zip(s.pooled_mean, s.pooled_std, s.pooled_rows):
             torch.testing.assert_close(mean.flatten(), rows.mean(0), rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(std.flatten(), rows.std(0, correction=0), rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close(s.gate_rows, w.gate_rows, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(s.gate_std, w.gate_std, rtol=1e-4, atol=1e-6)
+        # float32 kernels may round differently for another batch size: 1e-5 of the values' scale
+        tol = 1e-5 * max(1.0, float(w.gate_rows.abs().max()))
+        torch.testing.assert_close(s.gate_rows, w.gate_rows, rtol=1e-4, atol=tol)
+        torch.testing.assert_close(s.gate_std, w.gate_std, rtol=1e-4, atol=tol)
         for a, b in zip(s.pooled_mean, w.pooled_mean):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
 
 
 def test_gate_and_pooled_statistic_equal_forward_hooks():
-    """SE: the gate is fc's output, u the pool's; CBAM channel: the gate is the module's output."""
+    """SE: the gate is fc's output, u the pool's; CBAM channel: the gate is the module's output.
+    (stripe reads two batches, the hooks one: float32 rounding may differ in the last bits.)"""
     torch.manual_seed(0)
     x = torch.randn(6, 3, 32, 32)
     se = randomize(zoo.get_case("se_resnet_classic").build(), 1)
@@ -136,10 +139,10 @@ def test_gate_and_pooled_statistic_equal_forward_hooks():
         seen = _hooked(se, {"gate": f"{path}.fc", "u": f"{path}.avg_pool"}, x)
         site = stats[path]
         assert site.kind == "se" and site.pooled_names == ("psi",)
-        torch.testing.assert_close(site.gate_rows, seen["gate"], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(site.gate_mean, seen["gate"].mean(0), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(site.gate_std, seen["gate"].std(0, correction=0), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(site.pooled_mean[0], seen["u"].mean(0), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(site.gate_rows, seen["gate"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(site.gate_mean, seen["gate"].mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(site.gate_std, seen["gate"].std(0, correction=0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(site.pooled_mean[0], seen["u"].mean(0), rtol=1e-5, atol=1e-6)
         assert site.pooled_mean[0].shape == seen["u"].shape[1:]
     cbam = randomize(zoo.get_case("cbam_channel_host_mul").build(), 2)
     stats = asrfx.stripe(cbam, x, progress=False)
@@ -147,9 +150,9 @@ def test_gate_and_pooled_statistic_equal_forward_hooks():
         seen = _hooked(cbam, {"gate": site.module_path, "avg": f"{site.module_path}.avg_pool",
                               "max": f"{site.module_path}.max_pool"}, x)
         assert site.pooled_names == ("psi_avg", "psi_max")
-        torch.testing.assert_close(site.gate_rows, seen["gate"].flatten(1), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(site.pooled_mean[0], seen["avg"].mean(0), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(site.pooled_std[1], seen["max"].std(0, correction=0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(site.gate_rows, seen["gate"].flatten(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(site.pooled_mean[0], seen["avg"].mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(site.pooled_std[1], seen["max"].std(0, correction=0), rtol=1e-5, atol=1e-6)
 
 
 def test_model_is_not_mutated():
