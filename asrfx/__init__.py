@@ -6,7 +6,7 @@ Detect channel-attention blocks in any traced model by graph structure::
     print(sites)
 """
 
-from . import attention
+from . import attention, checkpoint
 from .api import convert, find_attention, fuse, insert, report_of
 from .fuse import Fold, FuseReport
 from .verify import verify
@@ -23,6 +23,7 @@ __all__ = [
     "fuse",
     "insert",
     "attention",
+    "checkpoint",
     "verify",
     "report_of",
     "FuseReport",
