@@ -4,16 +4,22 @@ Detect channel-attention blocks in any traced model by graph structure::
 
     sites = asrfx.find_attention(model, example_inputs=(torch.randn(1, 3, 224, 224),))
     print(sites)
+
+and measure how constant their gates are over data (the paper's Stripe Observation)::
+
+    print(asrfx.stripe(model, loader))
 """
 
 from . import attention, checkpoint
-from .api import convert, find_attention, fuse, insert, report_of
+from .api import convert, find_attention, fuse, insert, report_of, stripe
 from .fuse import Fold, FuseReport
 from .verify import verify
 from .convert import ConvertedSite, ConvertReport
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .modules import GatedBatchNorm
 from .report import SiteTable
+from .recorder import GateRecorder
+from .observation import SiteStripe, StripeStats
 from .site import Absorption, AttentionSite, Combine, GateUse, LeafRecord, Rejection, SiteKind
 from .tracing import trace
 
@@ -22,6 +28,10 @@ __all__ = [
     "convert",
     "fuse",
     "insert",
+    "stripe",
+    "StripeStats",
+    "SiteStripe",
+    "GateRecorder",
     "attention",
     "checkpoint",
     "verify",

@@ -20,9 +20,10 @@ from .layout import infer_layouts
 from .ops import node_shape
 from .report import SiteTable
 from .site import LeafRecord
+from .observation import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
 from .tracing import as_input_tuple, propagate_shapes, trace
 
-__all__ = ["find_attention", "convert", "fuse", "insert", "report_of"]
+__all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe"]
 
 
 def find_attention(
@@ -61,6 +62,8 @@ def convert(
     *,
     keep: bool = False,
     psi_init: PsiInit = 0.1,
+    data: Iterable[Any] | None = None,
+    calibrate_batches: int | None = None,
     inplace: bool = False,
     gate_in_norm: bool = True,
     leaf_modules: Iterable[str | type] = (),
@@ -75,7 +78,13 @@ def convert(
             True keeps the original attention and adds a psi-driven copy before it
             ("ASR(k) + k", paper Tables 4-5).
         psi_init: the initial psi: a constant (default 0.1, the paper's C_0.1), a tensor
-            broadcastable to psi's shape, or ``fn(site, shape) -> tensor``.
+            broadcastable to psi's shape, ``fn(site, shape) -> tensor``, or "calibrate": each
+            psi starts at the mean over ``data`` of the pooled statistic it replaces, so a
+            trained attention model converts with outputs close to the original's.
+        data: with psi_init="calibrate", the batches to measure on (a DataLoader, an iterable
+            of tensors or of (inputs, labels) pairs); run in eval mode, without gradients.
+            ``example_inputs`` may then be omitted (the first batch gives the shapes).
+        calibrate_batches: read at most this many batches of ``data``.
         inplace: share the model's modules and parameters instead of copying them
             (training the result then trains the model's own parameters).
         gate_in_norm: apply a gate inside the BatchNorm that produced x when nothing else
@@ -86,9 +95,24 @@ def convert(
     """
     if not isinstance(keep, bool):
         raise TypeError(f"convert(keep=...) takes True or False, got {keep!r}")
-    if not (isinstance(psi_init, (int, float, torch.Tensor)) or callable(psi_init)) or isinstance(psi_init, bool):
-        raise TypeError("convert(psi_init=...) takes a number, a tensor, or fn(site, shape) -> tensor; "
-                        f"got {type(psi_init).__name__}")
+    calibrate = isinstance(psi_init, str) and psi_init == "calibrate"
+    if isinstance(psi_init, str) and not calibrate:
+        raise TypeError(f"convert(psi_init=...) takes a number, a tensor, fn(site, shape) -> tensor or "
+                        f"'calibrate'; got {psi_init!r}")
+    if not (calibrate or isinstance(psi_init, (int, float, torch.Tensor)) or callable(psi_init)) \
+            or isinstance(psi_init, bool):
+        raise TypeError("convert(psi_init=...) takes a number, a tensor, fn(site, shape) -> tensor or "
+                        f"'calibrate'; got {type(psi_init).__name__}")
+    if calibrate and data is None:
+        raise TypeError("convert(psi_init='calibrate') measures psi on data: pass data=a DataLoader or "
+                        "an iterable of input batches (e.g. a few hundred training images)")
+    if not calibrate and (data is not None or calibrate_batches is not None):
+        raise TypeError("convert(data=..., calibrate_batches=...) are read only with psi_init='calibrate'")
+    batches = None
+    if calibrate:
+        batches = input_batches(data, calibrate_batches)
+        first, batches = peek(batches)
+        example_inputs = first if example_inputs is None else example_inputs
     work = model if inplace else copy.deepcopy(model)
     gm, _, mode_note = _traced_with_shapes(work, example_inputs, leaf_modules, concrete_args,
                                            require_inputs=True)
@@ -96,8 +120,11 @@ def convert(
     steps = [
         ("layout", lambda g, st: st.update(layouts=infer_layouts(g))),
         ("detect", lambda g, st: st.update(found=detect(g, st["layouts"]))),
+        # before the rewrite: the pooled statistics are measured in the original graph
+        ("calibrate", lambda g, st: st.update(psi=calibrated_psi(g, st["found"].sites, batches, also=(work,))
+                                              if calibrate and st["found"].sites else psi_init)),
         ("rewrite", lambda g, st: st.update(report=convert_sites(
-            g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=psi_init)[1])),
+            g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=st["psi"])[1])),
         ("shapes", lambda g, st: propagate_shapes(g, inputs)),
         ("gate_in_norm", lambda g, st: gate_in_norm and move_gates_into_batchnorm(g, st["report"])),
     ]
@@ -108,6 +135,9 @@ def convert(
     report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
     if mode_note:
         report.notes.append(mode_note)
+    if calibrate and report.sites:
+        report.notes.append(f"psi calibrated: the mean pooled statistics over {state['psi'].samples} samples "
+                            f"({state['psi'].batches} batches)")
     if not report.sites:
         note = (f"no channel-attention site found in {type(model).__name__}: nothing was converted, "
                 "the GraphModule computes the same function as the model")
@@ -116,6 +146,51 @@ def convert(
     gm.meta["asrfx"] = report
     gm.train(model.training)
     return gm
+
+
+def stripe(
+    model: nn.Module,
+    data: Iterable[Any],
+    example_inputs: Any = None,
+    *,
+    max_batches: int | None = None,
+    keep_rows: int = 64,
+    progress: bool = True,
+    leaf_modules: Iterable[str | type] = (),
+) -> StripeStats:
+    """Measure how constant each attention gate is over ``data`` (the paper's Stripe Observation).
+
+    Args:
+        model: an ``nn.Module`` or ``torch.fx.GraphModule``; a model from :func:`convert` also
+            works (its psi-driven gates are measured too, kind "asr").
+        data: a DataLoader, or an iterable of input tensors or of (inputs, labels) pairs, or
+            one tensor (a single batch). Streamed once: memory does not grow with its size.
+        example_inputs: inputs giving the shapes; default: the first batch.
+        max_batches: read at most this many batches.
+        keep_rows: samples whose gates and pooled statistics are kept for heatmaps.
+        progress: show a progress bar (when tqdm is installed).
+        leaf_modules: as for :func:`find_attention`.
+
+    For every site, the gate (before broadcasting, flattened per sample) and each pooled
+    statistic feeding the excitation are read off the traced graph, which shares the model's
+    parameters; the model runs in eval mode without gradients, its modes are restored after,
+    and nothing is added to it (no hooks, no code changes). Returns a :class:`StripeStats`:
+    per site, per-channel mean and std of the gate and of the pooled statistics, the first
+    ``keep_rows`` samples of each, and a score (the gate's relative variation: 0 when the gate
+    is the same vector for every input). ``stats.plot(path)`` draws Fig. 1a/1b.
+    """
+    batches = input_batches(data, max_batches)
+    first, batches = peek(batches)
+    table = find_attention(model, first if example_inputs is None else example_inputs, leaf_modules=leaf_modules)
+    probes = gate_probes(table.graph_module, table.sites)
+    if not probes:
+        why = f" ({len(table.rejections)} look-alike(s) refused: {table.rejections[0].reason})" \
+            if table.rejections else ""
+        raise AsrfxError(f"no channel-attention site found in {table.model_name}{why}: there is no gate to "
+                         "measure. print(asrfx.find_attention(model, example_inputs)) shows what was examined.")
+    result = measure(table.graph_module, probes, batches, keep_rows=keep_rows, progress=progress,
+                     total=total_batches(data, max_batches), also=(model,))
+    return StripeStats(result.sites, table.model_name, result.samples, result.batches)
 
 
 def fuse(

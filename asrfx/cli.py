@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     stripe = commands.add_parser(
         "stripe", parents=[common, source], help="observe the stripes: attention outputs across inputs",
         description="Run the model on data and report, per attention site, how much its per-channel output "
-                    "varies across inputs (the paper's stripe observation, section 3.1).")
+                    "varies across inputs (the paper's Stripe Observation, section 1 and Fig. 1).")
     stripe.add_argument("--data", choices=("random", "fashion-mnist"), default="random",
                         help="random inputs, or Fashion-MNIST test images resized and replicated to the model's "
                              "input shape (apt-get install dataset-fashion-mnist, or set ASRFX_FASHION_MNIST)")
@@ -267,11 +267,10 @@ def _inspect(args) -> int:
 
 
 def _not_plain(loaded, command: str) -> None:
-    """Refuse models that convert / stripe have nothing to do with."""
-    if loaded.kind == "asr":
-        what_to_do = (f"fuse it: asrfx fuse {loaded.source} -o deployed.pt2" if command == "convert" else
-                      "its psi-driven gates are the same for every input")
-        raise _Failure(f"{loaded.source} is already in ASR form (asrfx.asr/1); {what_to_do}")
+    """Refuse models that a command has nothing to do with (stripe also measures ASR forms)."""
+    if loaded.kind == "asr" and command == "convert":
+        raise _Failure(f"{loaded.source} is already in ASR form (asrfx.asr/1); fuse it: "
+                       f"asrfx fuse {loaded.source} -o deployed.pt2")
     if loaded.kind in ("fused", "export"):
         raise _Failure(f"{loaded.source} is a fused (deployed) model, with no attention left to {command}")
 
@@ -377,17 +376,13 @@ def _write(save, path: Path):
 
 
 def _stripe_function():
-    """asrfx.stripe, imported only when asked for (it is optional in this tree)."""
-    try:
-        module = importlib.import_module("asrfx.stripe")
-    except ModuleNotFoundError as exc:
-        if exc.name != "asrfx.stripe":
-            raise
-        raise _Failure("asrfx.stripe is not available in this version of asrfx, so the stripe command "
-                       "cannot run; upgrade asrfx") from None
-    function = getattr(module, "stripe", None)
+    """asrfx.stripe, looked up when the command runs: a clean error in an asrfx without it."""
+    import asrfx
+
+    function = getattr(asrfx, "stripe", None)
     if not callable(function):
-        raise _Failure("asrfx.stripe has no stripe() function; upgrade asrfx")
+        raise _Failure("asrfx.stripe is not available in this version of asrfx, so the stripe command "
+                       "cannot run; upgrade asrfx")
     return function
 
 
@@ -453,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
+    except BrokenPipeError:  # output piped into head & co.: stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -25,22 +25,36 @@ import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .detect import pool_branch
+from .errors import AsrfxError
 from .graph import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from .modules import GatedBatchNorm
 from .ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
 from .site import AttentionSite, Combine
 
-__all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "convert_sites", "why_not_convertible",
-           "move_gates_into_batchnorm"]
+__all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "CalibratedPsi", "convert_sites", "why_not_convertible",
+           "move_gates_into_batchnorm", "pooled_statistics", "psi_names"]
 
-# psi_init: a constant, a tensor broadcastable to psi's shape, or fn(site, shape) -> tensor.
-PsiInit = float | torch.Tensor | Callable[[AttentionSite, tuple[int, ...]], torch.Tensor]
+# psi_init: a constant, a tensor broadcastable to psi's shape, fn(site, shape) -> tensor, or
+# "calibrate" (api.convert measures the means of the pooled statistics on data: CalibratedPsi).
+PsiInit = float | torch.Tensor | Callable[[AttentionSite, tuple[int, ...]], torch.Tensor] | Literal["calibrate"]
+
+
+@dataclass(frozen=True, eq=False)
+class CalibratedPsi:
+    """``psi_init="calibrate"``, measured: each psi starts at the mean, over data, of the pooled
+    statistic it replaces (so the gate starts at the gate of the average statistic)."""
+
+    means: dict[fx.Node, torch.Tensor]  # pooled statistic node -> its mean, shaped like it without the batch axis
+    samples: int  # samples the means are taken over
+    batches: int  # batches read
+
 
 ASR_META = "asrfx"  # node.meta key: {"role": "psi" | "gate", "site": module path}
 
@@ -117,7 +131,7 @@ def _grid_side(pool: fx.Node) -> int:
     return int(round(cells ** 0.5))
 
 
-def _psi_names(site: AttentionSite, modules) -> list[str]:
+def psi_names(site: AttentionSite, modules) -> list[str]:
     """psi, or psi_<statistic> per pool: psi_avg/psi_max (CBAM), psi_avg/psi_std (SRM),
     psi_avg1/psi_avg2/psi_avg4 (SPA's pyramid)."""
     if len(site.pools) == 1:
@@ -129,10 +143,17 @@ def _psi_names(site: AttentionSite, modules) -> list[str]:
             for i, lab in enumerate(labels)]
 
 
-def _psi_value(psi_init: PsiInit, site: AttentionSite, shape: tuple[int, ...], like: torch.Tensor | None):
+def _psi_value(psi_init: PsiInit | CalibratedPsi, site: AttentionSite, shape: tuple[int, ...],
+               like: torch.Tensor | None, stat: fx.Node):
+    """The initial value of the psi that replaces ``stat`` (a pooled statistic of ``site``)."""
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     device = like.device if like is not None else None
-    if callable(psi_init) and not isinstance(psi_init, torch.Tensor):
+    if isinstance(psi_init, CalibratedPsi):
+        if stat not in psi_init.means:
+            raise AsrfxError(f"no calibrated value for the pooled statistic '{stat.name}' of "
+                             f"'{site.module_path or '(top level)'}'")
+        value = psi_init.means[stat]
+    elif callable(psi_init) and not isinstance(psi_init, torch.Tensor):
         value = psi_init(site, shape)
     elif isinstance(psi_init, torch.Tensor):
         value = psi_init.expand(shape)
@@ -141,7 +162,7 @@ def _psi_value(psi_init: PsiInit, site: AttentionSite, shape: tuple[int, ...], l
     return torch.as_tensor(value, dtype=dtype, device=device).reshape(shape).clone()
 
 
-def _statistics(pool: fx.Node) -> list[tuple[fx.Node, tuple[int, ...]]]:
+def pooled_statistics(pool: fx.Node) -> list[tuple[fx.Node, tuple[int, ...]]]:
     """The tensors a pool provides to its excitation: itself, or its getitem elements."""
     shape = node_shape(pool)
     if shape is not None:
@@ -234,15 +255,15 @@ def _constant_shapes(nodes: list[fx.Node], constants: dict[fx.Node, int]) -> Non
 
 
 def _replace(gm, site, psi_init, constants, modules, flows, applications) -> ConvertedSite:
-    names = _psi_names(site, modules)
+    names = psi_names(site, modules)
     excitation = set(site.excitation)
     like = _like_tensor(gm)
     created = []
     for pool, name in zip(site.pools, names):
-        stats = _statistics(pool)
+        stats = pooled_statistics(pool)
         for k, (stat, shape) in enumerate(stats):
             psi_shape = (1,) + tuple(shape[1:])
-            value = _psi_value(psi_init, site, psi_shape, like)
+            value = _psi_value(psi_init, site, psi_shape, like, stat)
             qualified, psi = _new_psi(gm, site.module_path, name if len(stats) == 1 else f"{name}_{k}",
                                       value, site, stat)
             for user in list(stat.users):
@@ -297,7 +318,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
             value = getattr(_owner(gm, parent_path), attr)
             setattr(gm, name, copy.deepcopy(value))
             retarget[t] = name
-    names = _psi_names(site, modules)
+    names = psi_names(site, modules)
     like = _like_tensor(gm)
     x_nodes = {u.x for u in site.uses}
     first = min(u for x in x_nodes for u in x.users if not is_shape_query(u, op_of(u, modules)))
@@ -305,9 +326,9 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
     created = []
     with graph.inserting_before(first):
         for pool, name in zip(site.pools, names):
-            stats = _statistics(pool)
+            stats = pooled_statistics(pool)
             for k, (stat, shape) in enumerate(stats):
-                value = _psi_value(psi_init, site, (1,) + tuple(shape[1:]), like)
+                value = _psi_value(psi_init, site, (1,) + tuple(shape[1:]), like, stat)
                 owner_path = copy_path
                 attr = unique_attr_name(_owner(gm, owner_path), name if len(stats) == 1 else f"{name}_{k}")
                 _owner(gm, owner_path).register_parameter(attr, nn.Parameter(value))
@@ -349,7 +370,7 @@ def convert_sites(
     flows,
     *,
     keep: bool,
-    psi_init: PsiInit,
+    psi_init: PsiInit | CalibratedPsi,
 ) -> tuple[fx.GraphModule, ConvertReport]:
     """Rewrite ``sites`` of ``gm`` in place; returns ``gm`` and a report."""
     report = ConvertReport()

@@ -407,11 +407,7 @@ def test_export_programs_load_only_when_trusted(capsys, tmp_path):
 
 
 def _has_stripe() -> bool:
-    try:
-        importlib.import_module("asrfx.stripe")
-    except ModuleNotFoundError:
-        return False
-    return True
+    return callable(getattr(asrfx, "stripe", None))
 
 
 @pytest.mark.skipif(_has_stripe(), reason="asrfx.stripe exists: the real command is tested below")
@@ -425,9 +421,25 @@ def test_stripe_without_asrfx_stripe_is_a_clean_error(capsys):
 def test_stripe_on_random_data_with_a_plot(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     code, out, err = run(capsys, "stripe", "--model", SPEC, "--input-shape", SHAPE, "--data", "random",
-                         "--batches", "2", "--batch-size", "4", "--no-progress", "--plot", tmp_path / "s.png")
+                         "--batches", "1", "--batch-size", "3", "--no-progress", "--plot", tmp_path / "s.png")
     assert code == 0, err
+    assert out.startswith("MobileNetV3: attention gates over 3 samples (1 batches)")
+    assert "features.11.block.2" in out
     assert (tmp_path / "s.png").stat().st_size > 0 and f"wrote {tmp_path / 's.png'}" in out
+
+
+@pytest.mark.skipif(not _has_stripe(), reason="asrfx.stripe is not in this tree yet")
+def test_stripe_of_an_asr_checkpoint_and_refusals(capsys, converted, tmp_path):
+    code, out, err = run(capsys, "stripe", converted[0], "--batches", "1", "--batch-size", "2", "--no-progress")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "[asr]" in line]
+    assert len(rows) == 9 and all(line.split()[-2] == "0" for line in rows)  # psi-driven gates: constant
+    code, _, err = run(capsys, "stripe", "--model", "asrfx:resnet56", "--batches", "1", "--no-progress")
+    assert code == EXIT_FAILURE
+    assert_one_line_error(err, "no channel-attention site found in CifarResNet")
+    code, _, err = run(capsys, "stripe", "--model", SPEC, "--plot", tmp_path / "no" / "s.png")
+    assert code == EXIT_FAILURE
+    assert_one_line_error(err, "does not exist")
 
 
 def test_fashion_mnist_batches_take_the_models_input_shape():
