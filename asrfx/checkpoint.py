@@ -132,7 +132,8 @@ class Loaded:
 def _is_export_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
-    names = zipfile.ZipFile(path).namelist()
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
     return any(n.endswith("/archive_format") for n in names) and not any(n.endswith("/data.pkl") for n in names)
 
 
