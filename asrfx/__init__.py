@@ -10,7 +10,7 @@ and measure how constant their gates are over data (the paper's Stripe Observati
     print(asrfx.stripe(model, loader))
 """
 
-from . import attention
+from . import attention, checkpoint
 from .api import convert, find_attention, fuse, insert, report_of, stripe
 from .fuse import Fold, FuseReport
 from .verify import verify
@@ -33,6 +33,7 @@ __all__ = [
     "SiteStripe",
     "GateRecorder",
     "attention",
+    "checkpoint",
     "verify",
     "report_of",
     "FuseReport",
