@@ -1,0 +1,195 @@
+"""Compiled speed: backbone vs original attention vs fused ASR, eager, inductor and onnxruntime.
+
+    python benchmarks/compiled_speed.py inference [--models seresnet50 ...] [--rounds 30]
+    python benchmarks/compiled_speed.py training  [--models seresnet50 ...] [--rounds 15]
+
+Inference (eval, batch 1, 224x224, no grad). For each model three variants: *backbone*
+(attention modules replaced by identity), *attention* (the original model) and *fused*
+(``fuse(convert(model).eval())``), each run
+
+* eager,
+* compiled by inductor (``torch.compile``), without and with ``freezing``,
+* in onnxruntime (``torch.onnx.export(..., dynamo=True)``) when the ``onnx`` extra is installed;
+
+plus the ASR model compiled by the asrfx backend (``torch.compile(asr, backend="asrfx")``,
+without and with freezing): the route a user takes without calling fuse. Every runner
+of a model runs once per round, in alternating order (interleaved: machine noise hits all
+alike); the table prints median latencies and the ratios to the backbone in the same
+column. Goal (issue #6): fused / backbone = 1.00 +- 0.03 in every column.
+
+Training (train mode, batch 16, 128x128): one SGD step (forward and backward compiled by
+inductor, optimizer eager) of the backbone, the attention model and the ASR form
+(``convert(model)``), interleaved; medians and ratios to the backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import asrfx
+import asrfx.dynamo
+from train_cost import backbone_of
+
+MODELS = ("seresnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
+
+
+def build(name: str) -> nn.Module:
+    import timm
+    import torchvision
+
+    if name == "seresnet50":
+        return timm.create_model("seresnet50", pretrained=False)
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def onnx_runner(model: nn.Module, x: torch.Tensor, folder: Path, label: str):
+    """An onnxruntime session of ``model`` (None without the onnx extra)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = folder / f"{label}.onnx"
+    torch.onnx.export(model, (x,), dynamo=True).save(str(path))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy threads between runs
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed_name = session.get_inputs()[0].name
+    return lambda t: session.run(None, {feed_name: t.numpy()})[0]
+
+
+def timed(fn, x) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def interleaved(runners: dict, x, warmup: int, rounds: int) -> dict[str, float]:
+    """Median seconds per runner; each round runs all, the order reversed every other round."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for r in range(warmup + rounds):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for k in order:
+            t = timed(runners[k], x)
+            if r >= warmup:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.no_grad()
+def inference(names, warmup: int, rounds: int) -> None:
+    x = torch.randn(1, 3, 224, 224)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, eval, batch 1, 224x224, "
+          f"{rounds} interleaved rounds, median latency in ms; ratios to the backbone in the same column")
+    columns = ("eager", "inductor", "inductor+freezing", "onnxruntime")
+    for name in names:
+        model = build(name).eval()
+        asr = asrfx.convert(model, x).eval()
+        variants = {"backbone": backbone_of(model, x).eval(), "attention": model, "fused": asrfx.fuse(asr)}
+        runners, compile_s = {}, {}
+        with tempfile.TemporaryDirectory() as folder:
+            for label, module in variants.items():
+                runners[(label, "eager")] = module
+                runners[(label, "inductor")] = torch.compile(module)
+                runners[(label, "inductor+freezing")] = torch.compile(module, options={"freezing": True})
+                ort_run = onnx_runner(module, x, Path(folder), label)
+                if ort_run is not None:
+                    runners[(label, "onnxruntime")] = ort_run
+            runners[("asr via backend", "inductor")] = torch.compile(asr, backend="asrfx")
+            runners[("asr via backend", "inductor+freezing")] = torch.compile(
+                asr, backend="asrfx", options={"inner_options": {"freezing": True}})
+            # what each runner must compute: fused and the backend equal the ASR model
+            references = {"backbone": variants["backbone"](x), "attention": model(x), "fused": asr(x),
+                          "asr via backend": asr(x)}
+            for key, fn in runners.items():  # compile (first call) and check every runner's output
+                start = time.perf_counter()
+                out = torch.as_tensor(fn(x))
+                compile_s[key] = time.perf_counter() - start
+                reference = references[key[0]]
+                err = (out - reference).abs().max().item() / reference.abs().max().item()
+                if err > 1e-3:
+                    raise SystemExit(f"{name} {key}: output differs from eager by {err:.2e} (relative)")
+            backend_reports = [r for r in asrfx.dynamo.reports if r.folded]
+            med = interleaved(runners, x, warmup, rounds)
+        folded = f"{len(backend_reports[-1].fuse.folds)} gates folded" if backend_reports else "NOT FOLDED"
+        print(f"\n{name} ({sum(p.numel() for p in variants['fused'].parameters()) / 1e6:.2f}M params fused = "
+              f"{sum(p.numel() for p in variants['backbone'].parameters()) / 1e6:.2f}M backbone; backend: {folded})")
+        print(f"  {'':<18}" + "".join(f"{c:>19}" for c in columns))
+        for label in ("backbone", "attention", "fused", "asr via backend"):
+            cells = []
+            for c in columns:
+                if (label, c) not in med:
+                    cells.append(f"{'-':>19}")
+                    continue
+                ms, ratio = med[(label, c)] * 1e3, med[(label, c)] / med[("backbone", c)]
+                cells.append(f"{ms:>10.2f} ({ratio:.3f})")
+            print(f"  {label:<18}" + "".join(cells))
+        slowest = max(compile_s.items(), key=lambda kv: kv[1])
+        print(f"  first call (compile) up to {slowest[1]:.0f} s ({slowest[0][0]}, {slowest[0][1]})")
+
+
+def training(names, warmup: int, rounds: int, batch: int, resolution: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, train, batch {batch}, "
+          f"{resolution}x{resolution}, {rounds} interleaved rounds, median SGD step in s (forward and backward "
+          "compiled by inductor); ratios to the backbone")
+    for name in names:
+        model = build(name)
+        x = torch.randn(batch, 3, resolution, resolution)
+        y = torch.randint(0, 1000, (batch,))
+        example = x[:2]
+        variants = {
+            "backbone": backbone_of(model, example).train(),
+            "attention": copy.deepcopy(model).train(),
+            "asr": asrfx.convert(model, example).train(),
+        }
+        steps = {}
+        for label, module in variants.items():
+            compiled = torch.compile(module)
+            opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(inputs, compiled=compiled, opt=opt):
+                loss = nn.functional.cross_entropy(compiled(inputs), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            start = time.perf_counter()
+            step(x)
+            steps[label] = step
+            print(f"  {name} {label}: first step (compile) {time.perf_counter() - start:.0f} s", flush=True)
+        med = interleaved(steps, x, warmup, rounds)
+        print(f"{name:<22} backbone {med['backbone']:.3f} s | attention {med['attention']:.3f} s "
+              f"({med['attention'] / med['backbone']:.3f}) | ASR form {med['asr']:.3f} s "
+              f"({med['asr'] / med['backbone']:.3f})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("inference", "training"))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=128)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    for key in ("recompile_limit", "cache_size_limit"):  # many compiled variants of one model class
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, 64)
+    if args.part == "inference":
+        inference(args.models, args.warmup, args.rounds or 30)
+    else:
+        training(args.models, args.warmup, args.rounds or 15, args.batch, args.resolution)
+
+
+if __name__ == "__main__":
+    main()
