@@ -11,7 +11,7 @@ and measure how constant their gates are over data (the paper's Stripe Observati
 """
 
 from . import attention, checkpoint
-from .api import convert, find_attention, fuse, insert, report_of, stripe
+from .api import backbone, convert, find_attention, fuse, insert, report_of, stripe
 from .fuse import Fold, FuseReport
 from .verify import verify
 from .convert import ConvertedSite, ConvertReport
@@ -36,6 +36,7 @@ __all__ = [
     "checkpoint",
     "verify",
     "report_of",
+    "backbone",
     "FuseReport",
     "Fold",
     "ConvertReport",

@@ -23,7 +23,7 @@ from .site import LeafRecord
 from .observation import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
 from .tracing import as_input_tuple, propagate_shapes, trace
 
-__all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe"]
+__all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe", "backbone"]
 
 
 def find_attention(
@@ -297,6 +297,36 @@ def insert(
     return convert(gm, example_inputs, psi_init=psi_init, inplace=True)
 
 
+def backbone(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[str | type] = (),
+) -> nn.Module:
+    """The plain backbone of an attention model: a copy with every attention block replaced by identity.
+
+    What ``fuse(convert(model))`` must equal in size and ops, and the baseline of the speed
+    benchmarks. Each detected site's module (``site.module_path``) must compute the gate and
+    apply it to its own input, as SE/ECA/CBAM-style modules do. A module that also computes
+    the gated tensor itself (IEBN wraps its BatchNorm) cannot become identity: AsrfxError
+    names it. The model is not modified.
+    """
+    from .detect import module_path_of
+    from .graph import set_module
+
+    plain = copy.deepcopy(model)
+    for site in find_attention(model, example_inputs, leaf_modules=leaf_modules):
+        path = site.module_path
+        inside = module_path_of(site.x) or ""
+        if not path or inside == path or inside.startswith(path + "."):
+            where = f"'{path}'" if path else "the model's own forward"
+            raise AsrfxError(f"{where} ({site.kind}) computes the tensor it gates ('{site.x.name}') as well as "
+                             "the gate: replacing it by identity would drop backbone layers. Build the backbone "
+                             "by hand for this model.")
+        set_module(plain, path, nn.Identity())
+    return plain
+
+
 def report_of(gm: fx.GraphModule | torch.export.ExportedProgram) -> ConvertReport | FuseReport | None:
     """The report an asrfx pass left on ``gm`` (None if it has none)."""
     if isinstance(gm, torch.export.ExportedProgram):
@@ -308,7 +338,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     """Unlift the program (parameters become get_attr constants), fold, export again."""
     from torch.utils._pytree import tree_leaves
 
-    from .frozen import fuse_frozen, mark_psi
+    from .frozen import fuse_frozen, mark_psi_attributes
 
     training = [n.name for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
                 and len(n.args) > 5 and n.args[5] is True]
@@ -320,8 +350,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
                          "fuse the GraphModule from asrfx.convert, then export it")
     args, kwargs = program.example_inputs
     module = program.module()  # a new module: the program itself is never changed
-    for node in module.graph.find_nodes(op="get_attr"):
-        mark_psi(node, str(node.target))
+    mark_psi_attributes(module)
     report = fuse_frozen(module, tree_leaves((args, kwargs)))
     fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     fused.graph_module.meta["asrfx"] = report

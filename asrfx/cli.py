@@ -345,17 +345,16 @@ def _backbone_parameters(recipe) -> int | None:
     (replace mode), with it (keep mode: ASR(k) + k deploys k), as it is (insert)."""
     if recipe is None or recipe.model is None:
         return None
-    import torch
-
-    from .api import find_attention
-    from .graph import set_module
+    from .api import backbone
+    from .errors import AsrfxError
     from .specs import build_model
 
     model = build_model(recipe.model, **recipe.model_kwargs).eval()
     if recipe.method == "convert" and not recipe.options.get("keep"):
-        for site in find_attention(model, (recipe.example(),)):
-            if site.module_path:
-                set_module(model, site.module_path, torch.nn.Identity())
+        try:
+            model = backbone(model, (recipe.example(),))
+        except AsrfxError:  # attention that cannot simply be removed: no reference count to print
+            return None
     return _count(model)
 
 

@@ -20,6 +20,8 @@ with their reason.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from networkx.utils import UnionFind
@@ -73,10 +75,22 @@ def module_path_of(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if stack:
         key, value = next(reversed(stack.items()))
-        return value[0] if isinstance(value, tuple) else key
+        return _dotted(value[0] if isinstance(value, tuple) else key)
     if node.op in ("call_module", "get_attr"):
         return str(node.target)
     return None
+
+
+def _dotted(path: str) -> str:
+    """Dynamo writes module paths as source code: ``getattr(L['self'].features, '1').fc1`` or
+    ``L['self'].layer1[0]`` -> ``features.1.fc1``, ``layer1.0``. Other paths pass through."""
+    if "L['self']" not in path:
+        return path
+    path = path.replace("getattr(", "")
+    path = re.sub(r", '([^']*)'\)", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    return path.replace("L['self']", "").lstrip(".")
 
 
 def _common_path(paths: list[str]) -> str:

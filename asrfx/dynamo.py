@@ -46,7 +46,7 @@ import torch
 from torch import fx
 
 from .errors import AsrfxError, AsrfxWarning
-from .frozen import fuse_frozen, mark_psi
+from .frozen import fuse_frozen, mark_psi, mark_psi_attributes
 from .fuse import FuseReport
 from .graph import copy_meta, unique_attr_name
 from .ops import op_of
@@ -87,6 +87,7 @@ def asrfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     state = _state_inputs(gm, example_inputs)
     work = _copy(gm)
     frozen = _freeze(work, state, example_inputs)
+    mark_psi_attributes(work)  # parameters Dynamo installed as graph attributes (inductor freezing on)
     keep = [i for i in range(len(example_inputs)) if i not in state]
     data = [example_inputs[i] for i in keep]
     try:

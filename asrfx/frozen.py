@@ -14,6 +14,7 @@ as convert names it). Then:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +22,13 @@ import torch
 from torch import fx, nn
 
 from .convert import ASR_META
+from .detect import module_path_of
 from .errors import AsrfxError
 from .fuse import ConstantEvaluator, Fold, FuseReport, constant_gates, drop_unused_attributes, fuse_graph
 from .graph import copy_meta, finish, unique_attr_name
 from .tracing import propagate_shapes
 
-__all__ = ["mark_psi", "fuse_frozen", "is_psi_name"]
+__all__ = ["mark_psi", "mark_psi_attributes", "fuse_frozen", "is_psi_name"]
 
 
 def is_psi_name(qualified: str) -> bool:
@@ -38,6 +40,40 @@ def mark_psi(node: fx.Node, qualified: str) -> None:
     """Tag a constant that holds a psi, with the attention block it belongs to."""
     if is_psi_name(qualified):
         node.meta[ASR_META] = {"role": "psi", "site": qualified.rpartition(".")[0]}
+
+
+# A psi attribute as Dynamo names it when it installs parameters on the graph (freezing):
+# the dotted path with "_" for ".", e.g. L__self___layer1_0_se_psi, ..._psi_avg, ..._psi_avg_1.
+_MANGLED_PSI = re.compile(r"(?:^|_)(psi(?:_[A-Za-z]+\d*)?(?:_\d+)?)$")
+
+
+def mark_psi_attributes(gm: fx.GraphModule) -> int:
+    """Tag every get_attr constant that holds a psi (dotted or Dynamo-mangled name); returns how many."""
+    marked = 0
+    for node in gm.graph.find_nodes(op="get_attr"):
+        target = str(node.target)
+        if (node.meta.get(ASR_META) or {}).get("role") == "psi":
+            continue  # already known (frozen from a graph input whose source named it)
+        if is_psi_name(target):
+            mark_psi(node, target)
+        elif (found := _MANGLED_PSI.search(target)) is not None:
+            mark_psi(node, _demangled_owner(node, target[: found.start()]) + "." + found.group(1))
+        else:
+            continue
+        marked += 1
+    return marked
+
+
+def _demangled_owner(node: fx.Node, mangled: str) -> str:
+    """The dotted module path whose mangled form ends ``mangled``: found among the module paths
+    of the psi's readers (the excitation lives under the attention module that owns psi)."""
+    for user in node.users:
+        parts = (module_path_of(user) or "").split(".")
+        for k in range(len(parts), 0, -1):
+            candidate = ".".join(parts[:k])
+            if candidate and mangled.endswith(candidate.replace(".", "_")):
+                return candidate
+    return mangled
 
 
 def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any]) -> FuseReport:

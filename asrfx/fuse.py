@@ -311,13 +311,13 @@ def _producer(gm, g: _Gate, v, axis, modules) -> tuple[list[str], str | None]:
 def _consumers(gm, g: _Gate, v, axis, modules: LayerIndex) -> tuple[list[str], str | None]:
     """Fold into every reader of the gated tensor (conv/linear input slices)."""
     readers = data_readers(g.combine, modules)
-    rank = len(node_shape(g.combine) or ())
     plans = []
     for r in readers:
-        layer = layer_of(r, modules)
-        if isinstance(layer, str) or layer.name not in ("conv", "linear") or r.args[0] is not g.combine:
-            return [], f"'{r.name}' ({op_of(r, modules).name}) reads the gated tensor and cannot absorb the gate"
-        if (layer.name == "conv" and axis != 1) or (layer.name == "linear" and axis != rank - 1):
+        reached = _reader_layer(g.combine, r, axis, g.op, modules)
+        if isinstance(reached, str):
+            return [], reached
+        layer, at_axis, rank = reached
+        if (layer.name == "conv" and at_axis != 1) or (layer.name == "linear" and at_axis != rank - 1):
             return [], f"'{layer.label}' reads channels on another axis than the gate's"
         if g.op == "add" and (layer.padded or layer.groups != 1):
             return [], f"'{layer.label}' pads its input (or is grouped): a shift cannot fold into it exactly"
@@ -338,6 +338,65 @@ def _consumers(gm, g: _Gate, v, axis, modules: LayerIndex) -> tuple[list[str], s
             norm.set("bias", fold_shift_through_batchnorm(norm.bias, norm.weight, norm.running_var, norm.eps, shift))
             into.append(norm.qualified_bias)
     return into, None
+
+
+# Ops a per-channel scale passes through on its way to a consumer: pool(x * v) == pool(x) * v.
+_FORWARD_SCALE = frozenset({"identity", "dropout", "avg_pool", "adaptive_avg_pool", "mean"}) | _REARRANGE
+
+
+def _reader_layer(src: fx.Node, reader: fx.Node, axis: int, op: str, modules: LayerIndex):
+    """The conv/linear layer that reads ``src`` through ``reader`` (for a scale: through global
+    or average pooling and flatten, as before a classifier head), with the gated axis and the
+    rank of its input there; or the reason there is none."""
+    node, rank = reader, len(node_shape(src) or ())
+    while True:
+        layer = layer_of(node, modules)
+        if not isinstance(layer, str) and layer.name in ("conv", "linear") and node.args and node.args[0] is src:
+            return layer, axis, rank
+        name = op_of(node, modules).name
+        if op != "mul" or name not in _FORWARD_SCALE or not node.args or node.args[0] is not src:
+            return f"'{node.name}' ({name}) reads the gated tensor and cannot absorb the gate"
+        axis = _axis_after(node, axis, name)
+        nxt = data_readers(node, modules)
+        if axis is None:
+            return f"'{node.name}' ({name}) reduces or splits the gated axis"
+        if len(nxt) != 1:
+            return f"'{node.name}' ({name}) is read by {len(nxt)} ops, not one layer"
+        src, node, rank = node, nxt[0], len(node_shape(node) or ())
+
+
+def _axis_after(node: fx.Node, axis: int, name: str) -> int | None:
+    """Where ``axis`` of ``node``'s input ends up in its output, if it stays whole."""
+    in_shape, out_shape = node_shape(node.args[0]), node_shape(node)
+    if in_shape is None or out_shape is None:
+        return None
+    if name in ("identity", "dropout", "contiguous", "avg_pool", "adaptive_avg_pool"):
+        return axis if axis < len(out_shape) and (name not in ("avg_pool", "adaptive_avg_pool") or axis == 1) \
+            else None
+    if name == "mean":
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None:
+            return None
+        dims = {int(d) % len(in_shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if axis in dims:
+            return None
+        return axis if keep else axis - sum(1 for d in dims if d < axis)
+    if name in ("permute", "transpose"):
+        for out_axis in range(len(out_shape)):
+            if _axis_before(node, out_axis, name) == axis:
+                return out_axis
+        return None
+    # a reshape keeps the axis if an output axis has its size and the same number of elements before it
+    before = 1
+    for s in in_shape[:axis]:
+        before *= s
+    acc = 1
+    for k, s in enumerate(out_shape):
+        if acc == before and s == in_shape[axis]:
+            return k
+        acc *= s
+    return None
 
 
 def _batchnorm_after(node: fx.Node, modules: LayerIndex) -> Layer | None:

@@ -9,7 +9,6 @@ random weights (``weights=None``): nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 
@@ -29,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
         print("the quickstart needs torchvision: pip install 'asrfx[vision]'", file=sys.stderr)
         return 2
     import asrfx
-    from asrfx.graph import set_module
 
     builder = getattr(torchvision.models, args.model, None)
     if builder is None or not callable(builder):
@@ -66,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         want, got = asr(check), deployed(check)
     error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-    backbone = copy.deepcopy(model)
-    for site in sites:  # the plain backbone: each attention block replaced by identity
-        set_module(backbone, site.module_path, torch.nn.Identity())
+    backbone = asrfx.backbone(model, (example,))  # each attention block replaced by identity
     print(f"\nfused in {elapsed:.2f} s: {count(deployed):,} parameters; plain backbone "
           f"{count(backbone):,} (equal: {count(deployed) == count(backbone)}); "
           f"max relative difference to the ASR form: {error:.1e}")

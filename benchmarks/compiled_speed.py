@@ -8,11 +8,13 @@ Inference (eval, batch 1, 224x224, no grad). For each model three variants: *bac
 (``fuse(convert(model).eval())``), each run
 
 * eager,
-* compiled by inductor (``torch.compile``), without and with ``freezing``,
+* compiled by inductor (``torch.compile``), without and with ``freezing`` (set in
+  ``torch._inductor.config`` while Dynamo traces: ``options={"freezing": True}`` alone leaves
+  the parameters as graph inputs, which inductor cannot fold),
 * in onnxruntime (``torch.onnx.export(..., dynamo=True)``) when the ``onnx`` extra is installed;
 
 plus the ASR model compiled by the asrfx backend (``torch.compile(asr, backend="asrfx")``,
-without and with freezing): the route a user takes without calling fuse. Every runner
+without and with freezing; the backend always folds the gates): the route a user takes without calling fuse. Every runner
 of a model runs once per round, in alternating order (interleaved: machine noise hits all
 alike); the table prints median latencies and the ratios to the backbone in the same
 column. Goal (issue #6): fused / backbone = 1.00 +- 0.03 in every column.
@@ -37,7 +39,6 @@ from torch import nn
 
 import asrfx
 import asrfx.dynamo
-from train_cost import backbone_of
 
 MODELS = ("seresnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
 
@@ -64,6 +65,15 @@ def onnx_runner(model: nn.Module, x: torch.Tensor, folder: Path, label: str):
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed_name = session.get_inputs()[0].name
     return lambda t: session.run(None, {feed_name: t.numpy()})[0]
+
+
+def frozen(compiled):
+    """Run ``compiled`` with inductor's freezing on. It must be on while Dynamo traces (not only
+    in inductor's options): Dynamo then installs the parameters as graph constants to fold."""
+    def run(x):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(x)
+    return run
 
 
 def timed(fn, x) -> float:
@@ -93,19 +103,18 @@ def inference(names, warmup: int, rounds: int) -> None:
     for name in names:
         model = build(name).eval()
         asr = asrfx.convert(model, x).eval()
-        variants = {"backbone": backbone_of(model, x).eval(), "attention": model, "fused": asrfx.fuse(asr)}
+        variants = {"backbone": asrfx.backbone(model, x).eval(), "attention": model, "fused": asrfx.fuse(asr)}
         runners, compile_s = {}, {}
         with tempfile.TemporaryDirectory() as folder:
             for label, module in variants.items():
                 runners[(label, "eager")] = module
                 runners[(label, "inductor")] = torch.compile(module)
-                runners[(label, "inductor+freezing")] = torch.compile(module, options={"freezing": True})
+                runners[(label, "inductor+freezing")] = frozen(torch.compile(module))
                 ort_run = onnx_runner(module, x, Path(folder), label)
                 if ort_run is not None:
                     runners[(label, "onnxruntime")] = ort_run
             runners[("asr via backend", "inductor")] = torch.compile(asr, backend="asrfx")
-            runners[("asr via backend", "inductor+freezing")] = torch.compile(
-                asr, backend="asrfx", options={"inner_options": {"freezing": True}})
+            runners[("asr via backend", "inductor+freezing")] = frozen(torch.compile(asr, backend="asrfx"))
             # what each runner must compute: fused and the backend equal the ASR model
             references = {"backbone": variants["backbone"](x), "attention": model(x), "fused": asr(x),
                           "asr via backend": asr(x)}
@@ -146,7 +155,7 @@ def training(names, warmup: int, rounds: int, batch: int, resolution: int) -> No
         y = torch.randint(0, 1000, (batch,))
         example = x[:2]
         variants = {
-            "backbone": backbone_of(model, example).train(),
+            "backbone": asrfx.backbone(model, example).train(),
             "attention": copy.deepcopy(model).train(),
             "asr": asrfx.convert(model, example).train(),
         }

@@ -22,8 +22,6 @@ import torch
 import asrfx
 from torch import fx
 
-from train_cost import backbone_of
-
 
 def _models():
     import timm
@@ -57,7 +55,7 @@ def main() -> None:
           f"{'attn/bb':>8}{'fused/bb':>9}{'fused/bb fx':>12}{'same params':>12}")
     for name, model in _models():
         model.eval()
-        backbone = backbone_of(model, x).eval()
+        backbone = asrfx.backbone(model, x).eval()
         variants = {
             "backbone": backbone,
             "bb_fx": fx.symbolic_trace(backbone),

@@ -21,15 +21,6 @@ import torch
 from torch import nn
 
 import asrfx
-from asrfx.graph import set_module
-
-
-def backbone_of(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The model with each detected attention module (returning x * g) replaced by identity."""
-    plain = copy.deepcopy(model)
-    for site in asrfx.find_attention(model, example):
-        set_module(plain, site.module_path, nn.Identity())
-    return plain
 
 
 def _models():
@@ -67,7 +58,7 @@ def main() -> None:
         y = torch.randint(0, 1000, (args.batch,))
         example = x[:2]
         variants = {
-            "backbone": backbone_of(model, example).train(),
+            "backbone": asrfx.backbone(model, example).train(),
             "attention": copy.deepcopy(model).train(),
             "asr": asrfx.convert(model, example).train(),
         }

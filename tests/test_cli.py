@@ -9,7 +9,6 @@ folding into a BatchNorm, eight into consumers (after Hardswish).
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import importlib.metadata
 import json
@@ -29,7 +28,6 @@ from torch import nn
 import asrfx
 from asrfx import checkpoint
 from asrfx.cli import EXIT_FAILURE, EXIT_USAGE, main
-from asrfx.graph import set_module
 
 try:
     from tests.helpers import randomize
@@ -71,10 +69,7 @@ def mobilenet() -> nn.Module:
 
 def plain_backbone(model: nn.Module) -> nn.Module:
     """The model with each attention block replaced by identity: what fuse must give back."""
-    backbone = copy.deepcopy(model)
-    for site in asrfx.find_attention(model.eval(), torch.randn(1, 3, 64, 64)):
-        set_module(backbone, site.module_path, nn.Identity())
-    return backbone
+    return asrfx.backbone(model.eval(), torch.randn(1, 3, 64, 64))
 
 
 def count(module: nn.Module) -> int:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import asrfx
-from asrfx.graph import set_module
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +25,7 @@ def models():
     x = torch.randn(2, 3, 64, 64)
     gm = asrfx.convert(model, x, psi_init=lambda site, shape: torch.randn(shape)).eval()
     fused = asrfx.fuse(gm)
-    backbone = copy.deepcopy(model)
-    for site in asrfx.find_attention(model, x):
-        set_module(backbone, site.module_path, nn.Identity())
-    return gm, fused, backbone.eval(), x
+    return gm, fused, asrfx.backbone(model, x).eval(), x
 
 
 def _histogram(exported) -> collections.Counter:

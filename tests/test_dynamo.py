@@ -81,14 +81,6 @@ def psi_nodes(gm: fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op in ("placeholder", "get_attr") and "psi" in str(n.target)]
 
 
-def backbone_of(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """``model`` with each attention block it holds replaced by identity."""
-    backbone = copy.deepcopy(model)
-    for site in asrfx.find_attention(model, x):
-        set_module(backbone, site.module_path, nn.Identity())
-    return backbone
-
-
 @pytest.fixture(scope="module")
 def mobilenet():
     import torchvision
@@ -112,9 +104,26 @@ def test_inference_graph_reaches_the_inner_backend_as_the_backbone(mobilenet):
     (graph,) = capture.graphs
     assert [type(v) for v in capture.inputs[0]] == [torch.Tensor]
     assert psi_nodes(graph) == []
-    assert histogram(graph) == histogram(captured(backbone_of(model, x).eval(), x))
+    assert histogram(graph) == histogram(captured(asrfx.backbone(model, x).eval(), x))
     report = backend.reports[-1]
     assert report.folded and report.fuse is not None and not report.fuse.kept
+    assert {f.site for f in report.fuse.folds} == {s.module_path for s in asrfx.report_of(asr).sites}
+
+
+def test_parameters_dynamo_installs_as_attributes_fold_too(mobilenet):
+    """With inductor's freezing on, Dynamo puts parameters on the graph as get_attr constants
+    (named L__self___features_1_block_1_psi): psi is found by that name and everything folds."""
+    model, asr, x = mobilenet
+    capture = Capture()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        got = compiled(asr, capture)(x)
+        backbone_graph = captured(asrfx.backbone(model, x).eval(), x)
+    assert_equal_outputs(got, asr(x))
+    (graph,) = capture.graphs
+    assert len(capture.inputs[0]) == 1 and psi_nodes(graph) == []
+    assert histogram(graph) == histogram(backbone_graph)
+    report = backend.reports[-1]
+    assert report.frozen == 0 and not report.fuse.kept
     assert {f.site for f in report.fuse.folds} == {s.module_path for s in asrfx.report_of(asr).sites}
 
 

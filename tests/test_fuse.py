@@ -13,6 +13,7 @@ from torch import nn
 
 import asrfx
 from asrfx import AsrfxError
+from asrfx.ops import op_of
 
 try:
     from tests import zoo
@@ -354,3 +355,70 @@ def test_additive_gate_creates_a_bias_where_there_is_none():
     (fold,) = report.folds
     assert fold.op == "add" and fold.into == ("conv",)
     assert fused.conv.bias is not None and fused.conv.bias.shape == (6,)
+
+
+def test_backbone_replaces_each_attention_block_by_identity():
+    """
+    before: conv -> bn -> relu -> SE (x * sigmoid(fc(relu(fc(gap(x))))))
+    after:  conv -> bn -> relu -> Identity        (a copy; the model keeps its SE)
+    fuse(convert(model)) has the backbone's parameter count.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), zoo.SELayer(8)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    plain = asrfx.backbone(model, x)
+    assert isinstance(plain[3], nn.Identity) and isinstance(model[3], zoo.SELayer)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model[:3](x))
+    fused = asrfx.fuse(asrfx.convert(model, x).eval())
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_backbone_refuses_attention_that_computes_the_tensor_it_gates():
+    """IEBN: the module is bn(x) * g(x); identity would drop the BatchNorm."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), zoo.InstanceEnhance(8)).eval()
+    with pytest.raises(AsrfxError, match=r"'1' \(ie\) computes the tensor it gates"):
+        asrfx.backbone(model, torch.randn(2, 3, 9, 9))
+
+
+class GateBeforeHead(nn.Module):
+    """stem -> GELU -> SE (x * g) -> global pooling -> classifier: the gate's only consumer is the head."""
+
+    def __init__(self, pooling: str, c: int = 8):
+        super().__init__()
+        self.pooling = pooling
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.se = zoo.SEConv(c)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pooling == "adaptive" else nn.AvgPool2d(3)
+        self.head = nn.Linear(4 * c if pooling == "avgpool_2x2" else c, 5)
+
+    def forward(self, x):
+        y = self.se(F.gelu(self.stem(x)))
+        if self.pooling == "mean":
+            return self.head(y.mean((2, 3)))
+        return self.head(torch.flatten(self.pool(y), 1))
+
+
+@pytest.mark.parametrize("pooling", ["adaptive", "mean"])
+def test_gate_before_the_classifier_folds_through_global_pooling_into_the_head(pooling):
+    """
+    before: stem -> gelu -> mul(y, g) -> adaptive_avg_pool / mean -> flatten -> head
+    after:  stem -> gelu -> adaptive_avg_pool / mean -> flatten -> head (columns scaled by g)
+    """
+    model = randomize(GateBeforeHead(pooling), 3).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    backbone = copy.deepcopy(model)
+    backbone.se = nn.Identity()
+    fused, report = _assert_fused(model, x, seed=3, backbone=backbone)
+    (fold,) = report.folds
+    assert fold.where == "consumers" and fold.into == ("head",)
+    assert not any(op_of(n, dict(fused.named_modules())).name == "mul" for n in fused.graph.nodes)
+
+
+def test_gate_before_a_head_that_mixes_channels_with_positions_is_kept():
+    """avg_pool to 2x2, then flatten: the head's columns mix channel and position; no exact fold."""
+    model = randomize(GateBeforeHead("avgpool_2x2"), 3).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    _, report = _assert_fused(model, x, seed=3)
+    (fold,) = report.kept
+    assert "splits the gated axis" in fold.reason
