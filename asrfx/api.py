@@ -301,6 +301,7 @@ def backbone(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    state_dict: dict[str, torch.Tensor] | None = None,
     leaf_modules: Iterable[str | type] = (),
 ) -> nn.Module:
     """The plain backbone of an attention model: a copy with every attention block replaced by identity.
@@ -310,6 +311,11 @@ def backbone(
     apply it to its own input, as SE/ECA/CBAM-style modules do. A module that also computes
     the gated tensor itself (IEBN wraps its BatchNorm) cannot become identity: AsrfxError
     names it. The model is not modified.
+
+    ``state_dict``: load these weights, strictly, e.g. ``fuse(gm).state_dict()``: the deployed
+    model is then the model's own class (plain eager code, no GraphModule) with the gates
+    folded in. Fuse keeps every parameter's name, so the keys match unless a gate had to stay
+    as a constant or a shift created a bias; AsrfxError then says which keys differ.
     """
     from .detect import module_path_of
     from .graph import set_module
@@ -324,6 +330,13 @@ def backbone(
                              "the gate: replacing it by identity would drop backbone layers. Build the backbone "
                              "by hand for this model.")
         set_module(plain, path, nn.Identity())
+    if state_dict is not None:
+        missing, unexpected = plain.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise AsrfxError(f"the weights do not map onto {type(model).__name__}'s backbone: missing "
+                             f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                             f"{'...' if len(unexpected) > 3 else ''} (a gate kept as a constant, or a bias "
+                             "fuse created). Deploy the fused GraphModule itself instead.")
     return plain
 
 

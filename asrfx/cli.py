@@ -374,17 +374,6 @@ def _write(save, path: Path):
         raise _Failure(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _stripe_function():
-    """asrfx.stripe, looked up when the command runs: a clean error in an asrfx without it."""
-    import asrfx
-
-    function = getattr(asrfx, "stripe", None)
-    if not callable(function):
-        raise _Failure("asrfx.stripe is not available in this version of asrfx, so the stripe command "
-                       "cannot run; upgrade asrfx")
-    return function
-
-
 def _data(kind: str, shape: tuple[int, ...], batches: int, batch_size: int):
     """Input batches shaped like the model's input: a list of tensors."""
     import torch
@@ -408,13 +397,14 @@ def _data(kind: str, shape: tuple[int, ...], batches: int, batch_size: int):
 
 
 def _stripe(args) -> int:
-    function = _stripe_function()
+    from .api import stripe
+
     if args.plot:
         _check_output(args.plot)
     loaded = _load(args)
     _not_plain(loaded, "stripe")
     data = _data(args.data, loaded.input_shape, args.batches, args.batch_size)
-    stats = function(loaded.model.eval(), data, (loaded.example(),), max_batches=args.batches,
+    stats = stripe(loaded.model.eval(), data, (loaded.example(),), max_batches=args.batches,
                      progress=not args.no_progress)
     print(stats)
     if args.plot:

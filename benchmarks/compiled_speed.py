@@ -4,8 +4,10 @@
     python benchmarks/compiled_speed.py training  [--models seresnet50 ...] [--rounds 15]
 
 Inference (eval, batch 1, 224x224, no grad). For each model three variants: *backbone*
-(attention modules replaced by identity), *attention* (the original model) and *fused*
-(``fuse(convert(model).eval())``), each run
+(attention modules replaced by identity; also traced by torch.fx, *backbone (fx)*, a GraphModule
+like the fused model), *attention* (the original model), *fused*
+(``fuse(convert(model).eval())``, a GraphModule) and *fused, model class* (its weights loaded
+into the backbone: ``asrfx.backbone(model, x, state_dict=fused.state_dict())``), each run
 
 * eager,
 * compiled by inductor (``torch.compile``), without and with ``freezing`` (set in
@@ -103,21 +105,28 @@ def inference(names, warmup: int, rounds: int) -> None:
     for name in names:
         model = build(name).eval()
         asr = asrfx.convert(model, x).eval()
-        variants = {"backbone": asrfx.backbone(model, x).eval(), "attention": model, "fused": asrfx.fuse(asr)}
+        fused = asrfx.fuse(asr)
+        plain = asrfx.backbone(model, x).eval()
+        variants = {"backbone": plain, "backbone (fx)": asrfx.trace(plain).gm.eval(), "attention": model,
+                    "fused": fused,
+                    # the fused weights in the model's own class: no GraphModule in eager mode
+                    "fused, model class": asrfx.backbone(model, x, state_dict=fused.state_dict()).eval()}
         runners, compile_s = {}, {}
         with tempfile.TemporaryDirectory() as folder:
             for label, module in variants.items():
                 runners[(label, "eager")] = module
-                runners[(label, "inductor")] = torch.compile(module)
-                runners[(label, "inductor+freezing")] = frozen(torch.compile(module))
+                # a copy per compiled runner: no two runners share Dynamo cache entries
+                runners[(label, "inductor")] = torch.compile(copy.deepcopy(module))
+                runners[(label, "inductor+freezing")] = frozen(torch.compile(copy.deepcopy(module)))
                 ort_run = onnx_runner(module, x, Path(folder), label)
                 if ort_run is not None:
                     runners[(label, "onnxruntime")] = ort_run
-            runners[("asr via backend", "inductor")] = torch.compile(asr, backend="asrfx")
-            runners[("asr via backend", "inductor+freezing")] = frozen(torch.compile(asr, backend="asrfx"))
+            runners[("asr via backend", "inductor")] = torch.compile(copy.deepcopy(asr), backend="asrfx")
+            runners[("asr via backend", "inductor+freezing")] = frozen(
+                torch.compile(copy.deepcopy(asr), backend="asrfx"))
             # what each runner must compute: fused and the backend equal the ASR model
-            references = {"backbone": variants["backbone"](x), "attention": model(x), "fused": asr(x),
-                          "asr via backend": asr(x)}
+            references = {"backbone": plain(x), "backbone (fx)": plain(x), "attention": model(x), "fused": asr(x),
+                          "fused, model class": asr(x), "asr via backend": asr(x)}
             for key, fn in runners.items():  # compile (first call) and check every runner's output
                 start = time.perf_counter()
                 out = torch.as_tensor(fn(x))
@@ -131,8 +140,8 @@ def inference(names, warmup: int, rounds: int) -> None:
         folded = f"{len(backend_reports[-1].fuse.folds)} gates folded" if backend_reports else "NOT FOLDED"
         print(f"\n{name} ({sum(p.numel() for p in variants['fused'].parameters()) / 1e6:.2f}M params fused = "
               f"{sum(p.numel() for p in variants['backbone'].parameters()) / 1e6:.2f}M backbone; backend: {folded})")
-        print(f"  {'':<18}" + "".join(f"{c:>19}" for c in columns))
-        for label in ("backbone", "attention", "fused", "asr via backend"):
+        print(f"  {'':<20}" + "".join(f"{c:>19}" for c in columns))
+        for label in ("backbone", "backbone (fx)", "attention", "fused", "fused, model class", "asr via backend"):
             cells = []
             for c in columns:
                 if (label, c) not in med:
@@ -140,7 +149,7 @@ def inference(names, warmup: int, rounds: int) -> None:
                     continue
                 ms, ratio = med[(label, c)] * 1e3, med[(label, c)] / med[("backbone", c)]
                 cells.append(f"{ms:>10.2f} ({ratio:.3f})")
-            print(f"  {label:<18}" + "".join(cells))
+            print(f"  {label:<20}" + "".join(cells))
         slowest = max(compile_s.items(), key=lambda kv: kv[1])
         print(f"  first call (compile) up to {slowest[1]:.0f} s ({slowest[0][0]}, {slowest[0][1]})")
 

@@ -401,18 +401,6 @@ def test_export_programs_load_only_when_trusted(capsys, tmp_path):
 # -- stripe ---------------------------------------------------------------------------------
 
 
-def _has_stripe() -> bool:
-    return callable(getattr(asrfx, "stripe", None))
-
-
-@pytest.mark.skipif(_has_stripe(), reason="asrfx.stripe exists: the real command is tested below")
-def test_stripe_without_asrfx_stripe_is_a_clean_error(capsys):
-    code, _, err = run(capsys, "stripe", "--model", SPEC)
-    assert code == EXIT_FAILURE
-    assert_one_line_error(err, "asrfx.stripe is not available")
-
-
-@pytest.mark.skipif(not _has_stripe(), reason="asrfx.stripe is not in this tree yet")
 def test_stripe_on_random_data_with_a_plot(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     code, out, err = run(capsys, "stripe", "--model", SPEC, "--input-shape", SHAPE, "--data", "random",
@@ -423,7 +411,6 @@ def test_stripe_on_random_data_with_a_plot(capsys, tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0 and f"wrote {tmp_path / 's.png'}" in out
 
 
-@pytest.mark.skipif(not _has_stripe(), reason="asrfx.stripe is not in this tree yet")
 def test_stripe_of_an_asr_checkpoint_and_refusals(capsys, converted, tmp_path):
     code, out, err = run(capsys, "stripe", converted[0], "--batches", "1", "--batch-size", "2", "--no-progress")
     assert code == 0, err

@@ -422,3 +422,27 @@ def test_gate_before_a_head_that_mixes_channels_with_positions_is_kept():
     _, report = _assert_fused(model, x, seed=3)
     (fold,) = report.kept
     assert "splits the gated axis" in fold.reason
+
+
+def test_fused_weights_load_into_the_backbone_class():
+    """
+    fuse(convert(model)) as a GraphModule  ->  its state_dict, loaded into backbone(model):
+    the model's own class (Sequential here) with SE replaced by identity and the gate in bn's affine.
+    """
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), zoo.SELayer(8),
+                                    nn.Conv2d(8, 4, 1)), 4).double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    gm = asrfx.convert(model, x, psi_init=_psi(4)).eval()
+    deployed = asrfx.backbone(model, x, state_dict=asrfx.fuse(gm).state_dict())
+    assert type(deployed) is nn.Sequential and isinstance(deployed[3], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), gm(x), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_weights_with_a_kept_gate_do_not_load_into_the_backbone_class():
+    model = randomize(SharedInput("conv", "none"), 5).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused = asrfx.fuse(asrfx.convert(model, x, psi_init=_psi(5)).eval())
+    with pytest.raises(AsrfxError, match=r"unexpected \['asr_gate_0'\].*Deploy the fused GraphModule"):
+        asrfx.backbone(model, x, state_dict=fused.state_dict())
