@@ -405,7 +405,7 @@ def _stripe(args) -> int:
     _not_plain(loaded, "stripe")
     data = _data(args.data, loaded.input_shape, args.batches, args.batch_size)
     stats = stripe(loaded.model.eval(), data, (loaded.example(),), max_batches=args.batches,
-                     progress=not args.no_progress)
+                   progress=not args.no_progress)
     print(stats)
     if args.plot:
         _write(lambda: stats.plot(args.plot), args.plot)
