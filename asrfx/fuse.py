@@ -267,13 +267,18 @@ def _axis_before(node: fx.Node, axis: int, name: str) -> int | None:
         return order[axis]
     if name == "contiguous":
         return axis
-    # a reshape keeps an axis if an input axis has its size and the same number of elements before it
+    return _matching_axis(out_shape, in_shape, axis)
+
+
+def _matching_axis(shape: tuple[int, ...], other: tuple[int, ...], axis: int) -> int | None:
+    """The axis of ``other`` (a reshape of ``shape``) that holds ``shape``'s ``axis`` whole: the
+    same size, with the same number of elements before it."""
     before = 1
-    for s in out_shape[:axis]:
+    for s in shape[:axis]:
         before *= s
     acc = 1
-    for k, s in enumerate(in_shape):
-        if acc == before and s == out_shape[axis]:
+    for k, s in enumerate(other):
+        if acc == before and s == shape[axis]:
             return k
         acc *= s
     return None
@@ -387,16 +392,7 @@ def _axis_after(node: fx.Node, axis: int, name: str) -> int | None:
             if _axis_before(node, out_axis, name) == axis:
                 return out_axis
         return None
-    # a reshape keeps the axis if an output axis has its size and the same number of elements before it
-    before = 1
-    for s in in_shape[:axis]:
-        before *= s
-    acc = 1
-    for k, s in enumerate(out_shape):
-        if acc == before and s == in_shape[axis]:
-            return k
-        acc *= s
-    return None
+    return _matching_axis(in_shape, out_shape, axis)
 
 
 def _batchnorm_after(node: fx.Node, modules: LayerIndex) -> Layer | None:
