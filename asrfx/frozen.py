@@ -25,7 +25,7 @@ from .convert import ASR_META
 from .detect import module_path_of
 from .errors import AsrfxError
 from .fuse import ConstantEvaluator, Fold, FuseReport, constant_gates, drop_unused_attributes, fuse_graph
-from .graph import copy_meta, finish, unique_attr_name
+from .graph import ancestors, copy_meta, finish, unique_attr_name
 from .tracing import propagate_shapes
 
 __all__ = ["mark_psi", "mark_psi_attributes", "fuse_frozen", "is_psi_name"]
@@ -104,6 +104,8 @@ def _fold_psi_remainders(gm: fx.GraphModule, report: FuseReport) -> None:
     dependent = psi_dependent(gm)
     if not dependent:
         return
+    # unlike fuse's _input_dependence, shape reads count as data here: a psi value shaped by the
+    # batch (view(g, x.size(0), ...)) must not be frozen at the example's batch size
     reads_data: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         reads_data[node] = node.op == "placeholder" or any(reads_data.get(i, False) for i in node.all_input_nodes)
@@ -137,14 +139,5 @@ def _fold_psi_remainders(gm: fx.GraphModule, report: FuseReport) -> None:
 
 def _site_of(node: fx.Node) -> str:
     """The attention block of the psi a node is computed from."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        meta = n.meta.get(ASR_META) or {}
-        if meta.get("role") == "psi":
-            return meta.get("site", "")
-        stack.extend(n.all_input_nodes)
-    return ""
+    psi = (n.meta[ASR_META] for n in ancestors(node) if (n.meta.get(ASR_META) or {}).get("role") == "psi")
+    return next(psi, {}).get("site", "")

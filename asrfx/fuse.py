@@ -35,7 +35,7 @@ from .fold import (
     fold_output_affine,
     fold_shift_through_batchnorm,
 )
-from .graph import finish
+from .graph import ancestors, finish
 from .layers import Layer, LayerIndex, layer_of, set_parameter
 from .modules import GatedBatchNorm
 from .ops import SHAPE_ONLY_OPERAND, data_readers, is_shape_query, node_shape, op_of
@@ -102,18 +102,11 @@ def _computed(node: fx.Node) -> bool:
     """A constant computed from parameters (an ASR gate), not a stored one (layer scale)."""
     if node.meta.get(ASR_META, {}).get("role") == "gate":
         return True
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        name = op_of(n, {}).name
-        if n.op == "call_module" or name in ("linear", "conv", "sigmoid", "hardsigmoid", "softmax",
-                                             "relu", "matmul", "mm", "addmm", "einsum", "tanh", "silu"):
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
+    return any(n.op == "call_module" or op_of(n, {}).name in _COMPUTING for n in ancestors(node))
+
+
+_COMPUTING = frozenset({"linear", "conv", "sigmoid", "hardsigmoid", "softmax", "relu", "matmul", "mm", "addmm",
+                        "einsum", "tanh", "silu"})  # ops that make a constant "computed", not stored
 
 
 class ConstantEvaluator(fx.Interpreter):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ __all__ = [
     "set_module",
     "shape_constants",
     "copy_meta",
+    "ancestors",
 ]
 
 
@@ -119,6 +120,18 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
             elif isinstance(index, slice) and (index.start or 0) >= 0 and index.step in (None, 1):
                 tuples[node] = (tensor, offset + (index.start or 0))
     return found
+
+
+def ancestors(node: fx.Node) -> Iterator[fx.Node]:
+    """``node``, then every node it is computed from, each once (depth first)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        yield n
+        stack.extend(n.all_input_nodes)
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:
