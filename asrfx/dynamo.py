@@ -85,17 +85,15 @@ def asrfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     if why:
         return _hand_over(gm, example_inputs, inner, inner_name, why)
     state = _state_inputs(gm, example_inputs)
-    work = _copy(gm)
+    work = copy.deepcopy(gm)  # the graph Dynamo gave (and any module it calls) stays as it was
     frozen = _freeze(work, state, example_inputs)
     mark_psi_attributes(work)  # parameters Dynamo installed as graph attributes (inductor freezing on)
     keep = [i for i in range(len(example_inputs)) if i not in state]
     data = [example_inputs[i] for i in keep]
     try:
         report = fuse_frozen(work, data)
-        problem = None
     except (AsrfxError, RuntimeError, TypeError, ValueError) as exc:
         problem = f"folding failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if problem:
         warnings.warn(f"asrfx backend: {problem}; the graph is compiled unchanged", AsrfxWarning, stacklevel=2)
         return _hand_over(gm, example_inputs, inner, inner_name, problem)
     if not report.folds:
@@ -162,11 +160,6 @@ def _qualified_name(source_name: str) -> str:
 
 
 # -- freezing ------------------------------------------------------------------------------------
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy: the graph Dynamo gave (and any module it calls) stays as it was."""
-    return copy.deepcopy(gm)
 
 
 def _freeze(gm: fx.GraphModule, state: dict[int, str], example_inputs: Sequence[Any]) -> int:
