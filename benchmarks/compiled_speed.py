@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 import warnings
@@ -41,6 +40,7 @@ from torch import nn
 
 import asrfx
 import asrfx.dynamo
+from timing import interleaved
 
 MODELS = ("seresnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
 
@@ -76,24 +76,6 @@ def frozen(compiled):
         with torch._inductor.config.patch(freezing=True):
             return compiled(x)
     return run
-
-
-def timed(fn, x) -> float:
-    start = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - start
-
-
-def interleaved(runners: dict, x, warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per runner; each round runs all, the order reversed every other round."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in range(warmup + rounds):
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for k in order:
-            t = timed(runners[k], x)
-            if r >= warmup:
-                times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @torch.no_grad()

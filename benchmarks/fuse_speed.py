@@ -20,6 +20,7 @@ import warnings
 import torch
 
 import asrfx
+from timing import interleaved
 from torch import fx
 
 
@@ -31,13 +32,6 @@ def _models():
     yield "mobilenet_v3_large", torchvision.models.mobilenet_v3_large(weights=None)
     yield "efficientnet_b0", torchvision.models.efficientnet_b0(weights=None)
     yield "regnet_y_400mf", torchvision.models.regnet_y_400mf(weights=None)
-
-
-@torch.no_grad()
-def _latency(model, x) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -64,14 +58,8 @@ def main() -> None:
         }
         same_size = sum(p.numel() for p in variants["fused"].parameters()) == \
             sum(p.numel() for p in variants["backbone"].parameters())
-        times = {k: [] for k in variants}
-        for r in range(args.warmup + args.rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for k in order:
-                t = _latency(variants[k], x)
-                if r >= args.warmup:
-                    times[k].append(t)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        with torch.no_grad():
+            med = {k: t * 1e3 for k, t in interleaved(variants, x, args.warmup, args.rounds).items()}
         print(f"{name:<20}{med['backbone']:>12.2f}{med['bb_fx']:>9.2f}{med['attention']:>13.2f}"
               f"{med['fused']:>9.2f}{med['attention'] / med['backbone']:>8.3f}"
               f"{med['fused'] / med['backbone']:>9.3f}{med['fused'] / med['bb_fx']:>12.3f}{str(same_size):>12}")

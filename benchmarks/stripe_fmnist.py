@@ -50,15 +50,6 @@ class SECNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def backbone_of(model: SECNN) -> SECNN:
-    """The same weights with every SE replaced by identity (attention removed, no training)."""
-    plain = copy.deepcopy(model)
-    for i, m in enumerate(plain.features):
-        if isinstance(m, SE):
-            plain.features[i] = nn.Identity()
-    return plain
-
-
 def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
     """Test accuracy and mean cross-entropy."""
     model.eval()
@@ -145,7 +136,7 @@ def main() -> None:
     x = test_images[:2]
     calibrated = asrfx.convert(model, x, psi_init="calibrate", data=calib)
     constant = asrfx.convert(model, x)  # psi_init=0.1, the paper's C_0.1
-    rows = [("original SE model", model), ("backbone: SE removed, same weights", backbone_of(model)),
+    rows = [("original SE model", model), ("backbone: SE removed, same weights", asrfx.backbone(model, x)),
             ("convert, psi_init=0.1 (no training)", constant),
             ("convert, psi_init='calibrate' (no training)", calibrated),
             ("fuse(calibrated)", asrfx.fuse(copy.deepcopy(calibrated).eval()))]

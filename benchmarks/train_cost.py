@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
 import asrfx
+from timing import interleaved
 
 
 def _models():
@@ -31,13 +30,11 @@ def _models():
     yield "mobilenet_v3_large (torchvision)", torchvision.models.mobilenet_v3_large(weights=None)
 
 
-def _step(model, opt, x, y):
-    start = time.perf_counter()
+def _step(model, opt, x, y) -> None:
     loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -65,14 +62,8 @@ def main() -> None:
         gated = sum(s.gated_norm is not None for s in asrfx.report_of(variants["asr"]).sites)
         total = len(asrfx.report_of(variants["asr"]).sites)
         opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
-        times = {k: [] for k in variants}
-        for r in range(args.warmup + args.rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for k in order:
-                t = _step(variants[k], opts[k], x, y)
-                if r >= args.warmup:
-                    times[k].append(t)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        steps = {k: (lambda inputs, k=k: _step(variants[k], opts[k], inputs, y)) for k in variants}
+        med = interleaved(steps, x, args.warmup, args.rounds)
         print(f"{name:<34}{med['backbone']:>11.3f}{med['attention']:>12.3f}{med['asr']:>11.3f}"
               f"{med['attention'] / med['backbone']:>9.3f}{med['asr'] / med['backbone']:>8.3f}  {gated}/{total}")
 
