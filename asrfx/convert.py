@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from .detect import pool_branch
 from .errors import AsrfxError
-from .graph import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
+from .graph import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from .modules import GatedBatchNorm
 from .ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
 from .site import AttentionSite, Combine
@@ -463,15 +463,10 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> s
 
 def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:
     """Move the gate's parameter-only subgraph in front of ``anchor``; False if it reads data."""
-    ancestors, stack = {gate}, [gate]
-    while stack:
-        for i in stack.pop().all_input_nodes:
-            if i.op == "placeholder":
-                return False
-            if i not in ancestors:
-                ancestors.add(i)
-                stack.append(i)
-    for node in sorted(ancestors):  # fx nodes compare by their place in the graph
+    subgraph = set(ancestors(gate))
+    if any(n.op == "placeholder" for n in subgraph):
+        return False
+    for node in sorted(subgraph):  # fx nodes compare by their place in the graph
         if node > anchor:
             anchor.prepend(node)
     return True
