@@ -148,6 +148,9 @@ def convert(
     return gm
 
 
+_convert_fn = convert  # insert's keyword ``convert`` shadows the function inside insert
+
+
 def stripe(
     model: nn.Module,
     data: Iterable[Any],
@@ -246,6 +249,7 @@ def insert(
     repeats: int = 1,
     psi_init: PsiInit = 0.1,
     inplace: bool = False,
+    convert: bool = True,
     **attention_kwargs: Any,
 ) -> fx.GraphModule:
     """Add ASR(k) to a plain backbone: insert attention k, in psi form, ready to train.
@@ -262,6 +266,9 @@ def insert(
         repeats: the paper's delta (Table 7): modules in a row at each place, each with its
             own parameters.
         psi_init, inplace: as for :func:`convert`; ``attention_kwargs`` go to the module.
+        convert: False returns the backbone with the original, input-dependent attention
+            modules inserted at the same places (the paper's "backbone + k" baseline); it can
+            be converted later, e.g. ``asrfx.convert(result, x, keep=True)`` for ASR(k) + k.
 
     Returns the converted GraphModule; ``fuse(result.eval())`` gives the backbone back.
     """
@@ -294,7 +301,9 @@ def insert(
 
     insert_modules(gm, points, factory, repeats)
     gm.train(model.training)
-    return convert(gm, example_inputs, psi_init=psi_init, inplace=True)
+    if not convert:
+        return gm
+    return _convert_fn(gm, example_inputs, psi_init=psi_init, inplace=True)
 
 
 def backbone(

@@ -146,3 +146,24 @@ def test_vit_gates_act_on_tokens_after_layernorm():
     fused = asrfx.fuse(gm.eval())
     into = {f.into[0] for f in asrfx.report_of(fused).folds}
     assert into == {f"encoder.layers.encoder_layer_{i}.ln_{j}" for i in (0, 1) for j in (1, 2)}
+
+
+def test_insert_without_convert_gives_the_attention_baseline():
+    """convert=False: the original, input-dependent modules at the same places (the paper's
+    'backbone + k'); converting that later gives the same psi names as insert would."""
+    from asrfx.models import cifar_resnet
+
+    model = cifar_resnet(20, "basic", num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    plain = asrfx.insert(model, "se", (x,), convert=False)
+    assert not any("psi" in n for n, _ in plain.named_parameters())
+    assert len(asrfx.find_attention(plain, (x,))) == 9
+    # each sample is gated by its own statistics, whatever else is in the batch
+    with torch.no_grad():
+        a, b = plain(x), plain(torch.cat([x[:1], torch.randn(2, 3, 32, 32)]))
+    torch.testing.assert_close(a[:1], b[:1])  # per-sample gates
+    asr = asrfx.insert(model, "se", (x,))
+    later = asrfx.convert(plain, (x,))
+    assert sorted(n for n, _ in later.named_parameters()) == sorted(n for n, _ in asr.named_parameters())
+    assert count(plain) > count(model)
+    assert count(asrfx.fuse(asrfx.convert(plain, (x,), keep=True).eval())) == count(plain)
