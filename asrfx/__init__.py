@@ -10,18 +10,18 @@ and measure how constant their gates are over data (the paper's Stripe Observati
     print(asrfx.stripe(model, loader))
 """
 
-from . import attention, checkpoint
+from . import attention, checkpoint, models
 from .api import backbone, convert, find_attention, fuse, insert, report_of, stripe
-from .fuse import Fold, FuseReport
-from .verify import verify
-from .convert import ConvertedSite, ConvertReport
+from .passes.fuse import Fold, FuseReport
+from .deploy.verify import verify
+from .passes.convert import ConvertedSite, ConvertReport
 from .errors import AsrfxError, AsrfxWarning, TracingError
-from .modules import GatedBatchNorm
-from .report import SiteTable
-from .recorder import GateRecorder
-from .observation import SiteStripe, StripeStats
-from .site import Absorption, AttentionSite, Combine, GateUse, LeafRecord, Rejection, SiteKind
-from .tracing import trace
+from .nn.gated_norm import GatedBatchNorm
+from .passes.report import SiteTable
+from .observe.recorder import GateRecorder
+from .observe.stripe import SiteStripe, StripeStats
+from .passes.site import Absorption, AttentionSite, Combine, GateUse, LeafRecord, Rejection, SiteKind
+from .graph.capture import trace
 
 __all__ = [
     "find_attention",

@@ -11,17 +11,17 @@ from torch import fx, nn
 
 import warnings
 
-from .convert import ConvertReport, PsiInit, convert_sites, move_gates_into_batchnorm
-from .fuse import FuseReport, fuse_graph
-from .verify import check_fused
-from .detect import detect
+from .passes.convert import ConvertReport, PsiInit, convert_sites, move_gates_into_batchnorm
+from .passes.fuse import FuseReport, fuse_graph
+from .deploy.verify import check_fused
+from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
-from .layout import infer_layouts
-from .ops import node_shape
-from .report import SiteTable
-from .site import LeafRecord
-from .observation import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
-from .tracing import as_input_tuple, propagate_shapes, trace
+from .graph.layout import infer_layouts
+from .graph.ops import node_shape
+from .passes.report import SiteTable
+from .passes.site import LeafRecord
+from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
+from .graph.capture import as_input_tuple, propagate_shapes, trace
 
 __all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe", "backbone"]
 
@@ -272,8 +272,8 @@ def insert(
 
     Returns the converted GraphModule; ``fuse(result.eval())`` gives the backbone back.
     """
-    from .attention import ATTENTION
-    from .placement import insert_modules, insertion_points
+    from .nn.attention import ATTENTION
+    from .passes.insert import insert_modules, insertion_points
 
     if isinstance(attention, str):
         if attention not in ATTENTION:
@@ -326,8 +326,8 @@ def backbone(
     folded in. Fuse keeps every parameter's name, so the keys match unless a gate had to stay
     as a constant or a shift created a bias; AsrfxError then says which keys differ.
     """
-    from .detect import module_path_of
-    from .graph import set_module
+    from .passes.detect import module_path_of
+    from .graph.edit import set_module
 
     plain = copy.deepcopy(model)
     for site in find_attention(model, example_inputs, leaf_modules=leaf_modules):
@@ -360,7 +360,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     """Unlift the program (parameters become get_attr constants), fold, export again."""
     from torch.utils._pytree import tree_leaves
 
-    from .frozen import fuse_frozen, mark_psi_attributes
+    from .deploy.frozen import fuse_frozen, mark_psi_attributes
 
     training = [n.name for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
                 and len(n.args) > 5 and n.args[5] is True]

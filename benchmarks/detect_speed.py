@@ -17,9 +17,9 @@ import time
 import torch
 
 import asrfx
-from asrfx.detect import detect
-from asrfx.layout import infer_layouts
-from asrfx.tracing import propagate_shapes, trace
+from asrfx.passes.detect import detect
+from asrfx.graph.layout import infer_layouts
+from asrfx.graph.capture import propagate_shapes, trace
 
 
 def _timed(fn):

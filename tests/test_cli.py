@@ -64,7 +64,7 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 def mobilenet() -> nn.Module:
-    return asrfx.specs.build_model(SPEC)
+    return asrfx.cli.specs.build_model(SPEC)
 
 
 def plain_backbone(model: nn.Module) -> nn.Module:
@@ -214,10 +214,10 @@ def test_inspect_json_and_a_spec_in_the_file_position(capsys):
 
 
 def test_default_input_shapes_come_from_the_model():
-    assert asrfx.specs.default_input_shape("asrfx:resnet56") == (1, 3, 32, 32)
-    assert asrfx.specs.default_input_shape("torchvision:inception_v3") == (1, 3, 299, 299)
-    assert asrfx.specs.default_input_shape("torchvision:resnet18") == (1, 3, 224, 224)
-    assert asrfx.specs.default_input_shape("timm:test_efficientnet") == (1, 3, 160, 160)
+    assert asrfx.cli.specs.default_input_shape("asrfx:resnet56") == (1, 3, 32, 32)
+    assert asrfx.cli.specs.default_input_shape("torchvision:inception_v3") == (1, 3, 299, 299)
+    assert asrfx.cli.specs.default_input_shape("torchvision:resnet18") == (1, 3, 224, 224)
+    assert asrfx.cli.specs.default_input_shape("timm:test_efficientnet") == (1, 3, 160, 160)
 
 
 # -- convert and fuse -----------------------------------------------------------------------
@@ -425,7 +425,7 @@ def test_stripe_of_an_asr_checkpoint_and_refusals(capsys, converted, tmp_path):
 
 
 def test_fashion_mnist_batches_take_the_models_input_shape():
-    from asrfx.cli import _data
+    from asrfx.cli.commands import _data
     from asrfx.data import fashion_mnist_available
 
     if not fashion_mnist_available():

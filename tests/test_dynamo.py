@@ -27,8 +27,8 @@ from torch import fx, nn
 
 import asrfx
 import asrfx.dynamo as backend
-from asrfx.graph import set_module
-from asrfx.ops import op_of
+from asrfx.graph.edit import set_module
+from asrfx.graph.ops import op_of
 
 try:
     from tests import zoo
@@ -236,7 +236,7 @@ def test_the_backend_is_registered_by_name_and_entry_point():
     assert "asrfx" in list_backends()
     assert lookup_backend("asrfx") is backend.asrfx_backend
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '[project.entry-points.torch_dynamo_backends]\nasrfx = "asrfx.dynamo:asrfx_backend"' in pyproject
+    assert '[project.entry-points.torch_dynamo_backends]\nasrfx = "asrfx.deploy.dynamo:asrfx_backend"' in pyproject
 
 
 @pytest.mark.parametrize("inner_options", [{}, {"freezing": True}], ids=["inductor", "inductor-freezing"])

@@ -13,7 +13,7 @@ from torch import nn
 
 import asrfx
 from asrfx import AsrfxError
-from asrfx.ops import op_of
+from asrfx.graph.ops import op_of
 
 try:
     from tests import zoo

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import asrfx
-from asrfx.graph import set_module
+from asrfx.graph.edit import set_module
 
 try:
     from tests import zoo

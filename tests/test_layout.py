@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from asrfx.layout import has_spatial, infer_layouts, merge_tags, reshape_tags
-from asrfx.tracing import propagate_shapes
+from asrfx.graph.layout import has_spatial, infer_layouts, merge_tags, reshape_tags
+from asrfx.graph.capture import propagate_shapes
 
 
 def _layouts(module: nn.Module, *inputs):

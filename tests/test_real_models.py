@@ -115,7 +115,7 @@ def _randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.mark.parametrize("entry", FUSE_MODELS, ids=lambda m: m.name)
 def test_convert_then_fuse_real_models(entry):
     """fuse(convert(m)) equals convert(m) in eval mode and is the size of m without attention."""
-    from asrfx.graph import set_module
+    from asrfx.graph.edit import set_module
 
     model = _randomize_norms(entry.build())
     x = torch.randn(*entry.input_shape)

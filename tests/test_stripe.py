@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import asrfx
 from asrfx import AsrfxError
-from asrfx.moments import RunningMoments, relative_variation
+from asrfx.observe.moments import RunningMoments, relative_variation
 
 try:
     from tests import zoo

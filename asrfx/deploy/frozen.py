@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .convert import ASR_META
-from .detect import module_path_of
-from .errors import AsrfxError
-from .fuse import ConstantEvaluator, Fold, FuseReport, constant_gates, drop_unused_attributes, fuse_graph
-from .graph import ancestors, copy_meta, finish, unique_attr_name
-from .tracing import propagate_shapes
+from ..passes.convert import ASR_META
+from ..passes.detect import module_path_of
+from ..errors import AsrfxError
+from ..passes.fuse import ConstantEvaluator, Fold, FuseReport, constant_gates, drop_unused_attributes, fuse_graph
+from ..graph.edit import ancestors, copy_meta, finish, unique_attr_name
+from ..graph.capture import propagate_shapes
 
 __all__ = ["mark_psi", "mark_psi_attributes", "fuse_frozen", "is_psi_name"]
 

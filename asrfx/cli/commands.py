@@ -105,8 +105,8 @@ def _finite_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .attention import ATTENTION
+    from .. import __version__
+    from ..nn.attention import ATTENTION
 
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="asrfx", description=_DESCRIPTION, epilog=_EPILOG, parents=[common],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    location = Path(__file__).resolve().parent
+    location = Path(__file__).resolve().parents[1]  # the asrfx package folder
     parser.add_argument("--version", action="version", version=f"asrfx {__version__} from {location}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -227,7 +227,7 @@ def _site_json(site) -> dict[str, Any]:
 def _inspect(args) -> int:
     from dataclasses import asdict
 
-    from .api import find_attention, report_of
+    from ..api import find_attention, report_of
 
     loaded = _load(args)
     info: dict[str, Any] = {"source": loaded.source, "kind": loaded.kind, "input_shape": list(loaded.input_shape),
@@ -276,7 +276,7 @@ def _not_plain(loaded, command: str) -> None:
 
 
 def _convert(args) -> int:
-    from .api import report_of
+    from ..api import report_of
     from .checkpoint import Recipe, apply_recipe, save_asr
 
     _check_output(args.output)
@@ -306,7 +306,7 @@ def _convert(args) -> int:
 
 
 def _fuse(args) -> int:
-    from .api import fuse, report_of
+    from ..api import fuse, report_of
     from .checkpoint import ArchitectureNeededError, load, save_export, save_fused
 
     _check_output(args.output)
@@ -345,8 +345,8 @@ def _backbone_parameters(recipe) -> int | None:
     (replace mode), with it (keep mode: ASR(k) + k deploys k), as it is (insert)."""
     if recipe is None or recipe.model is None:
         return None
-    from .api import backbone
-    from .errors import AsrfxError
+    from ..api import backbone
+    from ..errors import AsrfxError
     from .specs import build_model
 
     model = build_model(recipe.model, **recipe.model_kwargs).eval()
@@ -382,7 +382,7 @@ def _data(kind: str, shape: tuple[int, ...], batches: int, batch_size: int):
     if kind == "random":
         gen = torch.Generator().manual_seed(0)
         return [torch.randn(batch_shape, generator=gen) for _ in range(batches)]
-    from .data import load_fashion_mnist
+    from ..data import load_fashion_mnist
 
     if len(shape) != 4:
         raise _Failure(f"--data fashion-mnist makes images; the model's input shape {_shape(shape)} is not N,C,H,W")
@@ -397,7 +397,7 @@ def _data(kind: str, shape: tuple[int, ...], batches: int, batch_size: int):
 
 
 def _stripe(args) -> int:
-    from .api import stripe
+    from ..api import stripe
 
     if args.plot:
         _check_output(args.plot)
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from .errors import AsrfxError
+    from ..errors import AsrfxError
 
     try:
         return _COMMANDS[args.command](args)

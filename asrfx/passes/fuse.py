@@ -27,19 +27,19 @@ from torch import fx, nn
 
 from .convert import ASR_META
 from .detect import module_path_of
-from .errors import AsrfxError
-from .fold import (
+from ..errors import AsrfxError
+from ..algebra.fold import (
     fold_conv_transpose_output_affine,
     fold_input_scale,
     fold_input_shift,
     fold_output_affine,
     fold_shift_through_batchnorm,
 )
-from .graph import ancestors, finish
-from .layers import Layer, LayerIndex, layer_of, set_parameter
-from .modules import GatedBatchNorm
-from .ops import SHAPE_ONLY_OPERAND, data_readers, is_shape_query, node_shape, op_of
-from .tracing import as_input_tuple, propagate_shapes
+from ..graph.edit import ancestors, finish
+from ..graph.layers import Layer, LayerIndex, layer_of, set_parameter
+from ..nn.gated_norm import GatedBatchNorm
+from ..graph.ops import SHAPE_ONLY_OPERAND, data_readers, is_shape_query, node_shape, op_of
+from ..graph.capture import as_input_tuple, propagate_shapes
 
 __all__ = ["Fold", "FuseReport", "fuse_graph", "constant_gates", "ConstantEvaluator", "drop_unused_attributes"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .observation import StripeStats
+    from .stripe import StripeStats
     from .recorder import GateRecorder
 
 __all__ = ["plot_stripes", "plot_differences"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import AsrfxError
+from ..errors import AsrfxError
 
 __all__ = ["ModelSpec", "SpecError", "UnknownModelError", "parse_spec", "build_model", "default_input_shape",
            "SOURCES"]
@@ -73,7 +73,7 @@ def build_model(spec: ModelSpec | str, **kwargs: Any) -> nn.Module:
     if spec.source == "asrfx":
         if spec.name not in _ASRFX_MODELS:
             raise _unknown(spec, list(_ASRFX_MODELS))
-        from . import models
+        from ..nn import models
 
         return getattr(models, spec.name)(**kwargs)
     if spec.source == "torchvision":

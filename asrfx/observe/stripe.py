@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .convert import ASR_META, CalibratedPsi, pooled_statistics, psi_names, why_not_convertible
-from .errors import AsrfxError
+from ..passes.convert import ASR_META, CalibratedPsi, pooled_statistics, psi_names, why_not_convertible
+from ..errors import AsrfxError
 from .moments import RunningMoments, relative_variation
-from .site import AttentionSite
+from ..passes.site import AttentionSite
 
 __all__ = ["SiteStripe", "StripeStats", "GateProbe", "Measurement", "gate_probes", "measure", "calibrated_psi",
            "input_batches", "peek", "total_batches", "evaluating"]

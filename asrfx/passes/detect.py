@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from networkx.utils import UnionFind
 from torch import fx, nn
 
-from .layout import has_spatial, infer_layouts, is_channel
-from .ops import (
+from ..graph.layout import has_spatial, infer_layouts, is_channel
+from ..graph.ops import (
     BROADCASTS, COMBINE_ADD, COMBINE_MUL, CONTRACTIONS, POOLS, REDUCTIONS, Op, data_inputs,
     is_shape_query, node_shape, op_of,
 )

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .detect import pool_branch
-from .errors import AsrfxError
-from .graph import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
-from .modules import GatedBatchNorm
-from .ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
+from ..errors import AsrfxError
+from ..graph.edit import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
+from ..nn.gated_norm import GatedBatchNorm
+from ..graph.ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
 from .site import AttentionSite, Combine
 
 __all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "CalibratedPsi", "convert_sites", "why_not_convertible",

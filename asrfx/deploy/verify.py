@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .convert import ASR_META
-from .errors import AsrfxError
-from .fuse import FuseReport, constant_gates
-from .tracing import as_input_tuple
+from ..passes.convert import ASR_META
+from ..errors import AsrfxError
+from ..passes.fuse import FuseReport, constant_gates
+from ..graph.capture import as_input_tuple
 
 __all__ = ["check_fused", "verify"]
 

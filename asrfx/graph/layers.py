@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .graph import copy_meta, unique_attr_name
+from .edit import copy_meta, unique_attr_name
 from .ops import op_of
 
 __all__ = ["Layer", "LayerIndex", "layer_of", "set_parameter"]

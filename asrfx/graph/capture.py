@@ -23,8 +23,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.fx.node import map_aggregate
 
-from .errors import TracingError
-from .site import LeafRecord
+from ..errors import TracingError
+from ..passes.site import LeafRecord
 
 __all__ = ["Traced", "trace", "propagate_shapes", "as_input_tuple"]
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .errors import AsrfxError
-from .graph import unique_attr_name
-from .layout import is_channel
-from .ops import node_shape, op_of
+from ..errors import AsrfxError
+from ..graph.edit import unique_attr_name
+from ..graph.layout import is_channel
+from ..graph.ops import node_shape, op_of
 
 __all__ = ["InsertionPoint", "insertion_points", "insert_modules"]
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import find_attention
-from .errors import AsrfxError
-from .observation import gate_probes, input_batches, measure
+from ..api import find_attention
+from ..errors import AsrfxError
+from .stripe import gate_probes, input_batches, measure
 
 __all__ = ["GateRecorder"]
 
