@@ -441,7 +441,8 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules: Laye
         set_module(gm, path, GatedBatchNorm(modules[path]))
         with gm.graph.inserting_before(t.node):
             part = vector
-            if (t.span.start, t.span.stop, t.span.offset) != (0, t.width, 0):  # one branch's share of the gate
+            if (t.span.start, t.span.stop, t.span.offset, t.width) != (0, x_shape[1], 0, x_shape[1]):
+                # one branch's share of the gate (a part of a concatenation, a piece of a split)
                 part = gm.graph.call_function(operator.getitem, (vector, slice(t.span.start, t.span.stop)))
                 before, after = t.span.offset, t.width - t.span.offset - (t.span.stop - t.span.start)
                 part = gm.graph.call_function(F.pad, (part, (before, after)), {"value": 1.0})
