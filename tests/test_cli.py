@@ -117,6 +117,7 @@ def deployed_parameters(printed: str) -> int:
     """The count in fuse's 'deployed model: N parameters ...; plain backbone N (equal)' line."""
     line = next(line for line in printed.splitlines() if line.startswith("deployed model:"))
     assert line.endswith("(equal)"), line
+    assert "the plain backbone: equal parameters, no gate op left" in printed
     return int(line.split()[2].replace(",", ""))
 
 

@@ -335,7 +335,7 @@ def _fuse(args) -> int:
     line = f"\ndeployed model: {_count(fused):,} parameters (ASR form {_count(asr):,})"
     if backbone is not None:
         line += f"; plain backbone {backbone:,}" + (" (equal)" if backbone == _count(fused) else "")
-    print(line)
+    print(line + f"\n{report.verdict(_count(fused), backbone)}")
     print(f"wrote {args.output} ({what})")
     return EXIT_OK
 

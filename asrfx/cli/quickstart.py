@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(sites)
     absorbable = sum(site.absorbable for site in sites)
-    print(f"\n{len(sites)} site(s) found in {elapsed:.2f} s; {absorbable} can fold into the layer "
-          f"that produced x, {len(sites) - absorbable} must fold into their consumers.\n")
+    foldable = sum(site.foldable for site in sites)
+    print(f"\n{len(sites)} site(s) found in {elapsed:.2f} s; {absorbable} fold into the layers that computed "
+          f"x, {foldable - absorbable} into the layers that read the gated map, {len(sites) - foldable} stay "
+          "a multiply.\n")
 
     start = time.perf_counter()
     asr = asrfx.convert(model, example_inputs=(example,))
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
     backbone = asrfx.backbone(model, (example,))  # each attention block replaced by identity
     print(f"\nfused in {elapsed:.2f} s: {count(deployed):,} parameters; plain backbone "
-          f"{count(backbone):,} (equal: {count(deployed) == count(backbone)}); "
-          f"max relative difference to the ASR form: {error:.1e}")
+          f"{count(backbone):,}; max relative difference to the ASR form: {error:.1e}\n"
+          f"the deployed model is {asrfx.report_of(deployed).verdict(count(deployed), count(backbone))}")
     return 0
 
 

@@ -71,6 +71,18 @@ class FuseReport:
     def kept(self) -> list[Fold]:
         return [f for f in self.folds if f.where == "kept"]
 
+    def verdict(self, parameters: int, backbone: int | None) -> str:
+        """Whether the deployed model is the plain backbone: equal parameter counts and no gate op
+        left (fuse checks that nothing but the kept gates remains); otherwise what differs."""
+        same = backbone is None or parameters == backbone
+        if same and not self.kept:
+            return "the plain backbone: " + ("equal parameters, " if backbone is not None else "") + "no gate op left"
+        parts = [] if same else [f"{parameters:,} parameters, the backbone has {backbone:,}"]
+        if self.kept:
+            parts.append(f"{len(self.kept)} gate(s) kept as a constant multiply (first: {self.kept[0].site or '(top level)'}: "
+                         f"{self.kept[0].reason})")
+        return "not the plain backbone: " + "; ".join(parts)
+
     def __str__(self) -> str:
         folded = len(self.folds) - len(self.kept)
         lines = [f"asrfx.fuse: {folded} gate(s) folded, {len(self.kept)} kept"]
