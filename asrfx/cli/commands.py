@@ -277,6 +277,7 @@ def _not_plain(loaded, command: str) -> None:
 
 def _convert(args) -> int:
     from ..api import report_of
+    from ..passes.contract import psi_parameters
     from .checkpoint import Recipe, apply_recipe, save_asr
 
     _check_output(args.output)
@@ -297,7 +298,7 @@ def _convert(args) -> int:
         raise _Failure(f"no channel-attention site in {loaded.source}, nothing to convert{why}; to add "
                        "attention to a plain backbone, use --insert se (or eca, srm, ...)")
     print(report)
-    psi = sum(p.numel() for n, p in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi"))
+    psi = sum(p.numel() for _, p in psi_parameters(gm))
     _write(lambda: save_asr(args.output, gm, recipe, module=loaded.model if loaded.spec is None else None),
            args.output)
     print(f"\n{_count(loaded.model):,} parameters -> {_count(gm):,} in ASR form ({psi:,} in psi)")

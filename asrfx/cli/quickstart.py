@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the quickstart needs torchvision: pip install 'asrfx[vision]'", file=sys.stderr)
         return 2
     import asrfx
+    from asrfx.passes.contract import psi_parameters
 
     builder = getattr(torchvision.models, args.model, None)
     if builder is None or not callable(builder):
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(asrfx.report_of(asr))
     count = lambda m: sum(p.numel() for p in m.parameters())
-    psi = sum(p.numel() for n, p in asr.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi"))
+    psi = sum(p.numel() for _, p in psi_parameters(asr))
     asr.eval()
     with torch.no_grad():
         out = asr(torch.randn(2, 3, args.resolution, args.resolution))

@@ -33,15 +33,17 @@ from torch import fx, nn
 
 from .detect import pool_branch
 from ..errors import AsrfxError
-from ..graph.edit import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
+from ..graph.dataflow import ancestors
+from ..graph.edit import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from ..nn.gated_norm import GatedBatchNorm
-from ..graph.ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
+from ..graph.ops import is_shape_query, node_shape, node_shapes, op_of
 from ..graph.layers import LayerIndex
 from .absorb import plan_producer, static_sign
+from .contract import Role, mark, psi_names, site_of
 from .site import AttentionSite, Combine
 
 __all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "CalibratedPsi", "convert_sites", "why_not_convertible",
-           "move_gates_into_batchnorm", "pooled_statistics", "psi_names"]
+           "move_gates_into_batchnorm", "pooled_statistics"]
 
 # psi_init: a constant, a tensor broadcastable to psi's shape, fn(site, shape) -> tensor, or
 # "calibrate" (api.convert measures the means of the pooled statistics on data: CalibratedPsi).
@@ -58,7 +60,6 @@ class CalibratedPsi:
     batches: int  # batches read
 
 
-ASR_META = "asrfx"  # node.meta key: {"role": "psi" | "gate", "site": module path}
 
 
 @dataclass(frozen=True)
@@ -117,34 +118,6 @@ def _owner(gm: fx.GraphModule, path: str) -> nn.Module:
     return gm.get_submodule(path) if path else gm
 
 
-def _pool_label(pool: fx.Node, modules) -> str:
-    name = op_of(pool, modules).name
-    return {"mean": "avg", "sum": "avg", "adaptive_avg_pool": "avg", "avg_pool": "avg",
-            "amax": "max", "max": "max", "adaptive_max_pool": "max", "max_pool": "max",
-            "std": "std", "var": "var", "matmul": "context", "bmm": "context", "einsum": "context",
-            "norm": "norm", "vector_norm": "norm"}.get(name, name)
-
-
-def _grid_side(pool: fx.Node) -> int:
-    shape = node_shape(pool) or ()
-    cells = 1
-    for s in shape[2:]:
-        cells *= s
-    return int(round(cells ** 0.5))
-
-
-def psi_names(site: AttentionSite, modules) -> list[str]:
-    """psi, or psi_<statistic> per pool: psi_avg/psi_max (CBAM), psi_avg/psi_std (SRM),
-    psi_avg1/psi_avg2/psi_avg4 (SPA's pyramid)."""
-    if len(site.pools) == 1:
-        return ["psi"]
-    labels = [_pool_label(p, modules) for p in site.pools]
-    if len({_grid_side(p) for p in site.pools}) > 1:
-        labels = [f"{lab}{_grid_side(p)}" for lab, p in zip(labels, site.pools)]
-    return [f"psi_{lab}" if labels.count(lab) == 1 else f"psi_{lab}_{labels[:i].count(lab)}"
-            for i, lab in enumerate(labels)]
-
-
 def _psi_value(psi_init: PsiInit | CalibratedPsi, site: AttentionSite, shape: tuple[int, ...],
                like: torch.Tensor | None, stat: fx.Node):
     """The initial value of the psi that replaces ``stat`` (a pooled statistic of ``site``)."""
@@ -188,7 +161,7 @@ def _new_psi(gm, owner_path, name, value, site, stat) -> tuple[str, fx.Node]:
     qualified = f"{owner_path}.{attr}" if owner_path else attr
     with gm.graph.inserting_before(stat):
         node = gm.graph.get_attr(qualified)
-    node.meta[ASR_META] = {"role": "psi", "site": site.module_path}
+    mark(node, Role.PSI, site.module_path)
     return qualified, node
 
 
@@ -276,7 +249,7 @@ def _replace(gm, site, psi_init, constants, modules, flows, applications) -> Con
     _constant_shapes(ordered, constants)
     frozen = _freeze_norms(gm, ordered, modules)
     for use in site.uses:
-        use.gate.meta[ASR_META] = {"role": "gate", "site": site.module_path}
+        mark(use.gate, Role.GATE, site.module_path)
         applications.append((site.module_path, use.x, use.gate, use.combine))
     return ConvertedSite(site.module_path, site.kind.value, "replace", tuple(created), tuple(frozen), None)
 
@@ -336,7 +309,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
                 _owner(gm, owner_path).register_parameter(attr, nn.Parameter(value))
                 qualified = f"{owner_path}.{attr}" if owner_path else attr
                 env[stat] = graph.get_attr(qualified)
-                env[stat].meta[ASR_META] = {"role": "psi", "site": site.module_path}
+                mark(env[stat], Role.PSI, site.module_path)
                 created.append(qualified)
         for node in closure:
             if node in constants:
@@ -351,7 +324,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
             gated[use.x] = graph.call_function(fn, (use.x, env[use.operand]))
             copy_meta(use.combine, gated[use.x])
             applications.append((site.module_path, use.x, env[use.gate], gated[use.x]))
-            env[use.gate].meta[ASR_META] = {"role": "gate", "site": site.module_path}
+            mark(env[use.gate], Role.GATE, site.module_path)
     # the original attention now sees the ASR-gated x
     internal = set(site.pools) | set(site.excitation) | {u.combine for u in site.uses}
     internal |= pool_branch(site.uses, frozenset(site.pools))
@@ -461,7 +434,7 @@ def _graph_vector(gm: fx.GraphModule, gate: fx.Node, anchor: fx.Node) -> fx.Node
     """The gate as a flat vector, computed before ``anchor``."""
     with gm.graph.inserting_before(anchor):
         vector = gm.graph.call_method("reshape", (gate, -1))
-    vector.meta[ASR_META] = {"role": "gate_vector", "site": (gate.meta.get(ASR_META) or {}).get("site", "")}
+    mark(vector, Role.GATE_VECTOR, site_of(gate) or "")
     return vector
 
 
