@@ -11,7 +11,8 @@ from torch import fx, nn
 
 import warnings
 
-from .passes.convert import ConvertReport, PsiInit, convert_sites, move_gates_into_batchnorm
+from .passes.convert import ConvertReport, PsiInit, convert_sites
+from .passes.gate_in_layers import move_gates_into_batchnorm
 from .passes.fuse import fuse_graph
 from .passes.contract import attach_report, check_fused, report_of
 from .passes.detect import detect
