@@ -242,64 +242,77 @@ def route_labels(spec: Spec, model: nn.Module) -> list[str]:
 # -- measuring one model ----------------------------------------------------------------------------
 
 
-def measure(spec: Spec) -> dict:
-    import asrfx
+class Result(dict):
+    """One model's measurements; ``step`` runs one stage with a time limit and records its failure."""
 
-    r: dict[str, Any] = {"name": spec.name, "library": spec.library, "negative": spec.negative,
-                         "note": spec.note, "errors": {}, "timings": {}}
-    torch.manual_seed(0)
-
-    def step(name: str, fn: Callable[[], Any]):
+    def step(self, name: str, fn: Callable[[], Any]):
         t0 = time.perf_counter()
         try:
             with time_limit(STEP_TIMEOUT):
                 return fn()
         except Exception as exc:  # noqa: BLE001 - every failure is a data point
-            r["errors"][name] = error_text(exc)
+            self["errors"][name] = error_text(exc)
             return None
         finally:
-            r["timings"][name] = round(time.perf_counter() - t0, 2)
+            self["timings"][name] = round(time.perf_counter() - t0, 2)
 
-    model = step("build", spec.build)
+
+def measure(spec: Spec) -> dict:
+    r = Result(name=spec.name, library=spec.library, negative=spec.negative, note=spec.note, errors={}, timings={})
+    torch.manual_seed(0)
+    model = r.step("build", spec.build)
     if model is None:
         return r
     model.eval()
     x = example_input(spec)
-    truth = step("ground_truth", lambda: ground_truth(model, spec, x))
+    truth = r.step("ground_truth", lambda: ground_truth(model, spec, x))
     if truth is None:
         return r
-    r["params"] = n_params(model)
-    r["gt"] = sorted(truth.paths)
-    r["gt_calls"] = sum(truth.paths.values())
-    r["output"] = truth.output
+    r.update(params=n_params(model), gt=sorted(truth.paths), gt_calls=sum(truth.paths.values()), output=truth.output)
+    captured = capture(r, model, spec, x, truth)
+    if captured is None:
+        return r
+    table, route = captured
+    score_detection(r, table, route, truth)
+    if spec.negative or not len(table):
+        return r
+    r["trained"] = bool(r.step("convert+train", lambda: train_check(r, model, route, spec, x, truth)))
+    r.step("fuse", lambda: fuse_check(r, model, route, spec, x, truth))
+    return r
 
-    # 1. capture: natural first, then the workarounds a user would write
-    table, route, found, fps = None, None, set(), []
+
+def capture(r: Result, model: nn.Module, spec: Spec, x, truth: Truth):
+    """find_attention by the natural call, then by each workaround; the (table, route) that found most."""
+    import asrfx
+    table, route, found = None, None, set()
     for label in route_labels(spec, model):
         cand = make_route(label, model, spec)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            got = step(f"find[{label}]", lambda: asrfx.find_attention(cand.subject, **cand.api_inputs(spec, x)))
+            got = r.step(f"find[{label}]", lambda: asrfx.find_attention(cand.subject, **cand.api_inputs(spec, x)))
         if got is None:
             continue
-        got_found, got_fps = score(got, {cand.prefix + p for p in truth.paths})
+        got_found, _ = score(got, {cand.prefix + p for p in truth.paths})
         r.setdefault("route_found", {})[label] = f"{len(got_found)} found, {len(got.leaves)} leaves"
         if table is not None and len(got_found) <= len(found):
             continue
         if table is not None:  # natural capture worked but silently lost sites in opaque leaves
             r["natural_found"] = len(found)
-        table, route, found, fps = got, cand, got_found, got_fps
+        table, route, found = got, cand, got_found
         r["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught
                                 if "asrfx" in (w.filename or "") or "asrfx" in w.category.__name__.lower()})
         if len(found) == len(truth.paths) or not table.leaves or "concrete" in label or "wrapper" in label:
             break  # a leaf-free natural capture is what the user gets; else try pinning optional args
     if table is None:
-        return r
+        return None
     r["route"] = route.label
     r["workaround"] = route.label != "natural"
+    return table, route
 
-    # 2. detection against ground truth
+
+def score_detection(r: Result, table, route: Route, truth: Truth) -> None:
     gt_paths = {route.prefix + p: p for p in truth.paths}
+    found, fps = score(table, set(gt_paths))
     r["sites"] = len(table)
     r["kinds"] = sorted({str(s.kind) for s in table})
     r["found"] = len(found)
@@ -308,58 +321,56 @@ def measure(spec: Spec) -> dict:
     r["rejections"] = [f"{j.module_path}: {j.reason}" for j in table.rejections]
     r["leaves"] = [f"{leaf.path} ({leaf.module_type}): {leaf.reason}" for leaf in table.leaves]
     if r["missed"]:
-        r["miss_diagnosis"] = step("diagnose", lambda: diagnose(table, [route.prefix + p for p in r["missed"]]))
-    if spec.negative or not len(table):
-        return r
+        r["miss_diagnosis"] = r.step("diagnose", lambda: diagnose(table, [route.prefix + p for p in r["missed"]]))
 
-    # 3. convert + one training step
-    def train_step():
-        gm = asrfx.convert(copy.deepcopy(route.subject), **route.api_inputs(spec, x))
-        psi = [(n, p) for n, p in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi")]
-        r["psi"] = len(psi)
-        conv_rep = asrfx.report_of(gm)
-        r["convert_skipped"] = [f"{p}: {why}" for p, why in getattr(conv_rep, "skipped", [])]
-        gm.train()
-        r["psi_no_grad"] = without_gradient(gm, psi, lambda: route.call(gm, spec, x))
-        torch.optim.SGD(gm.parameters(), lr=1e-3).step()
-        if r["psi_no_grad"]:  # does the same loss reach the attention in the original model?
-            ref = copy.deepcopy(model).train()
-            out = first_tensor(natural_call(ref, spec, x))
-            (out * torch.randn_like(out)).sum().backward()
-            r["reference_reaches"] = any(p.grad is not None and bool(p.grad.abs().max() > 0)
-                                         for path in truth.paths for p in ref.get_submodule(path).parameters())
-        return True
-    r["trained"] = bool(step("convert+train", train_step))
 
-    # 4. fuse exactness in float64
-    def fuse_check():
-        m64 = copy.deepcopy(model).double()
-        randomize_norms(m64)
-        sub = make_route(route.label, m64, spec)
-        x64 = x.double()
-        gm = asrfx.convert(sub.subject, **sub.api_inputs(spec, x64))
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for n, p in gm.named_parameters():
-                if n.rsplit(".", 1)[-1].startswith("psi"):
-                    p.copy_(0.05 + 0.45 * torch.rand(p.shape, generator=g, dtype=p.dtype))
-        gm.eval()
-        with torch.no_grad():
-            ref = first_tensor(sub.call(gm, spec, x64))
-            fused = asrfx.fuse(gm)
-            out = first_tensor(sub.call(fused, spec, x64))
-        r["fuse_rel_err"] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
-        r["fused_params"] = n_params(fused)
-        r["backbone_params"] = truth.live_params - truth.owned_params
-        rep = asrfx.report_of(fused)
-        folds = list(getattr(rep, "folds", []))
-        kept = [f for f in folds if f.where == "kept"]
-        r["gates"] = len(folds)
-        r["kept"] = [f"{f.site}: {f.reason}" for f in kept]
-        r["psi_left"] = [n for n, _ in fused.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi")]
-        return True
-    step("fuse", fuse_check)
-    return r
+def psi_parameters(gm: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi")]
+
+
+def train_check(r: Result, model: nn.Module, route: Route, spec: Spec, x, truth: Truth) -> bool:
+    """convert, then one SGD step in train mode: does every psi get a gradient?"""
+    import asrfx
+    gm = asrfx.convert(copy.deepcopy(route.subject), **route.api_inputs(spec, x))
+    psi = psi_parameters(gm)
+    r["psi"] = len(psi)
+    r["convert_skipped"] = [f"{p}: {why}" for p, why in getattr(asrfx.report_of(gm), "skipped", [])]
+    gm.train()
+    r["psi_no_grad"] = without_gradient(gm, psi, lambda: route.call(gm, spec, x))
+    torch.optim.SGD(gm.parameters(), lr=1e-3).step()
+    if r["psi_no_grad"]:  # does the same loss reach the attention in the original model?
+        ref = copy.deepcopy(model).train()
+        out = first_tensor(natural_call(ref, spec, x))
+        (out * torch.randn_like(out)).sum().backward()
+        r["reference_reaches"] = any(p.grad is not None and bool(p.grad.abs().max() > 0)
+                                     for path in truth.paths for p in ref.get_submodule(path).parameters())
+    return True
+
+
+def fuse_check(r: Result, model: nn.Module, route: Route, spec: Spec, x, truth: Truth) -> None:
+    """float64, random BN statistics and psi, eval: fuse vs the converted model, sizes, folds."""
+    import asrfx
+    m64 = copy.deepcopy(model).double()
+    randomize_norms(m64)
+    sub = make_route(route.label, m64, spec)
+    x64 = x.double()
+    gm = asrfx.convert(sub.subject, **sub.api_inputs(spec, x64))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in psi_parameters(gm):
+            p.copy_(0.05 + 0.45 * torch.rand(p.shape, generator=g, dtype=p.dtype))
+    gm.eval()
+    with torch.no_grad():
+        ref = first_tensor(sub.call(gm, spec, x64))
+        fused = asrfx.fuse(gm)
+        out = first_tensor(sub.call(fused, spec, x64))
+    r["fuse_rel_err"] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+    r["fused_params"] = n_params(fused)
+    r["backbone_params"] = truth.live_params - truth.owned_params
+    folds = list(getattr(asrfx.report_of(fused), "folds", []))
+    r["gates"] = len(folds)
+    r["kept"] = [f"{f.site}: {f.reason}" for f in folds if f.where == "kept"]
+    r["psi_left"] = [n for n, _ in psi_parameters(fused)]
 
 
 def without_gradient(gm: nn.Module, psi: list, run: Callable[[], Any], tries: int = 3) -> list[str]:
