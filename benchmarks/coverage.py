@@ -20,6 +20,7 @@ geffnet, speechbrain; random weights, nothing downloaded), one worker process me
 Usage (asrfx is imported from the tree on PYTHONPATH, never installed in the venv)::
 
     PYTHONPATH=/work/main /work/venv-cov/bin/python benchmarks/coverage.py [--only SUBSTR] [--json out.json]
+        [--compare docs/coverage-baseline.json]      # rows that changed since the baseline
 
 Install (the venv for the third-party libraries; see benchmarks/requirements-coverage.txt)::
 
@@ -729,6 +730,20 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(results: list[dict], base_path: str) -> str:
+    """Rows that changed against an earlier --json run (e.g. docs/coverage-baseline.json)."""
+    with open(base_path) as f:
+        base = {r["name"]: r for r in json.load(f)["results"]}
+    lines = [f"changed against {base_path}:", f"  {'':9} {HEADER}"]
+    for r in results:
+        old = base.get(r["name"])
+        if old is None:
+            lines.append(f"  {'new':9} {row(r)}")
+        elif row(old).split()[:-1] != row(r).split()[:-1]:  # everything but the time
+            lines += [f"  {'before':9} {row(old)}", f"  {'after':9} {row(r)}"]
+    return "\n".join(lines) if len(lines) > 2 else f"nothing changed against {base_path}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", action="append", help="run models whose name contains this (repeatable)")
@@ -738,6 +753,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the models and exit")
     ap.add_argument("--from-json", help="print the report of an earlier --json run instead of running")
     ap.add_argument("--markdown", action="store_true", help="print the per-model table as Markdown")
+    ap.add_argument("--compare", help="also list the models whose row changed against this earlier --json run")
     args = ap.parse_args(argv)
     if args.worker:
         run_worker(args.worker, args.out)
@@ -748,6 +764,8 @@ def main(argv=None) -> int:
         results = [r for r in results if not args.only or any(o in r["name"] for o in args.only)]
         table = markdown(results) if args.markdown else "\n".join([HEADER] + [row(r) for r in results])
         print(f"{table}\n\n{summary(results)}\n\n{failure_table(results)}")
+        if args.compare:
+            print("\n" + compare(results, args.compare))
         return 0
     specs = [s for s in SPECS if not args.only or any(o in s.name for o in args.only)]
     if args.list:
@@ -765,6 +783,8 @@ def main(argv=None) -> int:
         print(row(r), flush=True)
     print(f"\n{summary(results)}\n\n{failure_table(results)}")
     print(f"\ntotal time {time.perf_counter() - t0:.0f}s")
+    if args.compare:
+        print("\n" + compare(results, args.compare))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"asrfx": os.path.dirname(os.path.dirname(asrfx.__file__)), "torch": torch.__version__,
