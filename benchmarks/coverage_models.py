@@ -45,6 +45,7 @@ class Spec:
     kwarg: str | None = None  # the model is naturally called as model(**{kwarg: x}) (HF: pixel_values)
     flags: Callable[[nn.Module], None] | None = None  # a library switch a user may need (workaround)
     note: str = ""
+    unfoldable: bool = False  # its gates cannot fold exactly (scSE's sSE reads x unscaled; BAM): kept is right
 
     @property
     def library(self) -> str:
@@ -165,7 +166,7 @@ SPECS: list[Spec] = [
     Spec("pytorchcv:mnasnet_a1", pytorchcv("mnasnet_a1"), IMG, PCV_SE),
     Spec("pytorchcv:mixnet_s", pytorchcv("mixnet_s"), IMG, PCV_SE),
     Spec("pytorchcv:regnety002", pytorchcv("regnety002"), IMG, PCV_SE),
-    Spec("pytorchcv:bam_resnet18", pytorchcv("bam_resnet18"), IMG, GT(("ChannelGate",)), note="BAM: channel gate times spatial gate, then 1 + sigmoid"),
+    Spec("pytorchcv:bam_resnet18", pytorchcv("bam_resnet18"), IMG, GT(("ChannelGate",)), note="BAM: channel gate times spatial gate, then 1 + sigmoid", unfoldable=True),
     Spec("pytorchcv:tresnet_m", pytorchcv("tresnet_m"), IMG, PCV_SE),
     # MONAI (2-d and 3-d)
     Spec("monai:SEResNet50-2d", monai("SEResNet50", spatial_dims=2, in_channels=3, num_classes=10), SMALL, MONAI_SE),
@@ -189,7 +190,7 @@ SPECS: list[Spec] = [
     Spec("hf:PPLCNetV3Backbone", hf("PPLCNetV3Backbone", "PPLCNetV3Config"), SMALL, HF_LCNET3, kwarg="pixel_values"),
     Spec("hf:PPOCRV5MobileDetForObjectDetection", hf("PPOCRV5MobileDetForObjectDetection", "PPOCRV5MobileDetConfig"), SMALL, HF_OCRV5, kwarg="pixel_values"),
     # segmentation_models_pytorch
-    Spec("smp:Unet-resnet18-scse", smp("Unet", "resnet18", decoder_attention_type="scse"), SMALL, SMP_SCSE, flags=smp_no_shape_check),
+    Spec("smp:Unet-resnet18-scse", smp("Unet", "resnet18", decoder_attention_type="scse"), SMALL, SMP_SCSE, flags=smp_no_shape_check, unfoldable=True),
     Spec("smp:Unet-se_resnet50", smp("Unet", "se_resnet50"), SMALL, PM_SE, flags=smp_no_shape_check),
     Spec("smp:Unet-efficientnet-b0", smp("Unet", "efficientnet-b0"), SMALL, LUKE_EFF, flags=smp_no_shape_check),
     Spec("smp:Unet-timm-efficientnet-b0", smp("Unet", "timm-efficientnet-b0"), SMALL, TIMM_SE, flags=smp_no_shape_check),
