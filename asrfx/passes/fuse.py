@@ -416,7 +416,8 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, rep
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if not isinstance(module, GatedBatchNorm) or len(node.args) < 2:
             continue
-        v = evaluator.value(node.args[1]).reshape(-1)
+        v = _finite(evaluator.value(node.args[1]), (node.args[1].meta.get(ASR_META) or {}).get("site") or
+                    str(node.target)).reshape(-1)
         bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
             len(node_shape(node) or (0, 0, 0, 0))]
         like = next(iter(module.state_dict().values()), v)
@@ -434,6 +435,16 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, rep
         site = (node.args[1].meta.get(ASR_META) or {}).get("site") or path
         node.args = (node.args[0],)
         report.folds.append(Fold(site, "gated_bn", (path,), "producer", "folded into the BatchNorm affine"))
+
+
+def _finite(value: Any, site: str) -> Any:
+    """Refuse a gate that is NaN or infinite (a diverged run): folded, it would make every output NaN."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise AsrfxError(f"the gate of '{site or '(top level)'}' has {bad} NaN or infinite value(s) of "
+                         f"{value.numel()}: fuse would write them into the deployed weights. Check the trained "
+                         "psi and excitation parameters (a diverged run?) and fuse a finite checkpoint")
+    return value
 
 
 def _keep_constant(gm: fx.GraphModule, g: _Gate, value: torch.Tensor) -> None:
@@ -461,7 +472,7 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
         g = dataclasses.replace(g, x=x)
         site = _site_of(g)
         x_shape = node_shape(g.x)
-        value = evaluator.value(g.gate)
+        value = _finite(evaluator.value(g.gate), site)
         v, axis, why = _vector(value, x_shape) if x_shape is not None else (None, None, "no shape for x")
         if v is None:
             _keep_constant(gm, g, value)
