@@ -4,6 +4,9 @@ Each function returns new tensors and leaves its arguments alone. ``scale`` and
 ``shift`` are per-channel vectors of length C; the layer computes ``y = f(x)`` and the
 fold makes it compute ``y * scale + shift`` (output side) or ``f(x * scale + shift)``
 (input side).
+
+Folds are computed in float64 and each result is cast back to the dtype of the parameter
+it replaces: a bfloat16 or float16 model is rounded once per fold, not once per operation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ __all__ = [
 ]
 
 
+def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to(torch.float64) if t is not None and t.is_floating_point() else t
+
+
+def _back(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to(like.dtype) if t is not None and like is not None else t
+
+
 def fold_output_affine(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -29,15 +40,17 @@ def fold_output_affine(
 
     Conv (any groups), Linear, and the affine of BatchNorm/GroupNorm/LayerNorm (a
     weight vector): ``(W x + b) * s + t == (W * s) x + (b * s + t)`` (paper eqs. 6, 7).
-    A missing bias is created only when a shift needs it.
+    A missing bias is created only when a shift needs it, in the weight's dtype.
     """
+    like_w, like_b = weight, bias if bias is not None else weight if weight is not None else shift
+    weight, bias, scale, shift = _wide(weight), _wide(bias), _wide(scale), _wide(shift)
     if weight is not None and scale is not None:
         weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
     if bias is not None and scale is not None:
         bias = bias * scale
     if shift is not None:
         bias = shift.clone() if bias is None else bias + shift
-    return weight, bias
+    return _back(weight, like_w), _back(bias, like_b)
 
 
 def fold_conv_transpose_output_affine(
@@ -51,11 +64,11 @@ def fold_conv_transpose_output_affine(
     ``g * (C_out / groups) + j`` is column j of group g's rows."""
     if scale is not None:
         c_in, per_group = weight.shape[0], weight.shape[1]
-        w = weight.reshape(groups, c_in // groups, per_group, *weight.shape[2:])
-        s = scale.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
-        weight = (w * s).reshape(weight.shape)
+        w = _wide(weight).reshape(groups, c_in // groups, per_group, *weight.shape[2:])
+        s = _wide(scale).reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+        weight = _back((w * s).reshape(weight.shape), weight)
     _, bias = fold_output_affine(None, bias, scale, shift)
-    return weight, bias
+    return weight, _back(bias, weight)
 
 
 def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -66,22 +79,23 @@ def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1)
     padding too, since padded zeros stay zero.
     """
     c_out, per_group = weight.shape[0], weight.shape[1]
-    w = weight.reshape(groups, c_out // groups, per_group, *weight.shape[2:])
-    s = scale.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
-    return (w * s).reshape(weight.shape)
+    w = _wide(weight).reshape(groups, c_out // groups, per_group, *weight.shape[2:])
+    s = _wide(scale).reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+    return _back((w * s).reshape(weight.shape), weight)
 
 
 def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
     """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window
     lies inside the input): ``W (x + t) + b == W x + (b + sum(W * t))``. Groups 1 only."""
-    t = shift.reshape((1, -1) + (1,) * (weight.dim() - 2))
-    extra = (weight * t).sum(dim=tuple(range(1, weight.dim())))
-    return extra if bias is None else bias + extra
+    t = _wide(shift).reshape((1, -1) + (1,) * (weight.dim() - 2))
+    extra = (_wide(weight) * t).sum(dim=tuple(range(1, weight.dim())))
+    return _back(extra if bias is None else _wide(bias) + extra, bias if bias is not None else weight)
 
 
 def fold_shift_through_batchnorm(
     bias: torch.Tensor, weight: torch.Tensor | None, running_var: torch.Tensor, eps: float, shift: torch.Tensor
 ) -> torch.Tensor:
     """An eval-mode BatchNorm reading ``y + c``: ``BN(y + c) == BN(y) + c * gamma / sqrt(var + eps)``."""
-    gamma = torch.ones_like(running_var) if weight is None else weight
-    return bias + shift * gamma / torch.sqrt(running_var + eps)
+    var = _wide(running_var)
+    gamma = torch.ones_like(var) if weight is None else _wide(weight)
+    return _back(_wide(bias) + _wide(shift) * gamma / torch.sqrt(var + eps), bias)
