@@ -253,13 +253,16 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _check_named_tensors(state_dict: Mapping[Any, Any], what: str) -> None:
+    bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} entry(ies) are not named tensors "
+                              f"(e.g. {bad[0]!r}: {type(state_dict[bad[0]]).__name__})")
+
+
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)``, with a one-line summary of any mismatch."""
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        k = not_tensors[0]
-        raise CheckpointError(f"the weights in {what}: {len(not_tensors)} entry(ies) are not named tensors "
-                              f"(e.g. {k!r}: {type(state_dict[k]).__name__})")
+    _check_named_tensors(state_dict, f"the weights in {what}")
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -339,6 +342,8 @@ def _from_asrfx(ckpt: Mapping[str, Any], where: str, input_shape) -> Loaded:
     if missing:
         raise CheckpointError(f"{where} is an {fmt} checkpoint without {' and '.join(missing)}; "
                               "re-create it with asrfx convert / fuse")
+    for key in needed:  # before anything is built
+        _check_named_tensors(ckpt[key], f"the weights in {where} ('{key}')")
     if fmt == FORMAT_ASR:
         extra = ckpt.get("extra")
         if extra is not None and not isinstance(extra, Mapping):
