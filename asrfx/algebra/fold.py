@@ -6,30 +6,68 @@ fold makes it compute ``y * scale + shift`` (output side) or ``f(x * scale + shi
 (input side).
 
 Folds are computed in float64 and each result is cast back to the dtype of the parameter
-it replaces: a bfloat16 or float16 model is rounded once per fold, not once per operation.
+it replaces (:func:`_in_float64`): a bfloat16 or float16 model is rounded once per fold,
+not once per operation.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 __all__ = [
+    "embed",
     "fold_output_affine",
     "fold_conv_transpose_output_affine",
     "fold_input_scale",
+    "fold_conv_transpose_input_scale",
     "fold_input_shift",
     "fold_shift_through_batchnorm",
+    "fold_scale_into_batchnorm_input",
+    "scale_along",
+    "shift_along",
 ]
 
 
-def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.to(torch.float64) if t is not None and t.is_floating_point() else t
+def _in_float64(*results: tuple[str, ...]):
+    """Run the decorated fold on float64 copies of its floating-point arguments and cast result i
+    to the dtype of the first argument named in ``results[i]`` that is a tensor (the parameter it
+    replaces; for a created bias, the weight's)."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            dtypes = [next((bound[n].dtype for n in names if isinstance(bound.get(n), torch.Tensor)), None)
+                      for names in results]
+            wide = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in bound.items()}
+            out = fn(**wide)
+            outs = out if isinstance(out, tuple) else (out,)
+            outs = tuple(o.to(d) if isinstance(o, torch.Tensor) and d is not None else o for o, d in zip(outs, dtypes))
+            return outs if isinstance(out, tuple) else outs[0]
+
+        return run
+
+    return wrap
 
 
-def _back(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    return t.to(like.dtype) if t is not None and like is not None else t
+def embed(part: torch.Tensor, offset: int, width: int, neutral: float) -> torch.Tensor:
+    """A length-``width`` vector holding ``part`` at ``offset`` and ``neutral`` (1 for a scale, 0 for a
+    shift) elsewhere: the gate as seen by a layer that also carries channels the gate does not touch
+    (one input of a concatenation, one piece of a split)."""
+    if offset == 0 and part.numel() == width:
+        return part
+    full = torch.full((width,), neutral, dtype=part.dtype, device=part.device)
+    full[offset: offset + part.numel()] = part
+    return full
 
 
+@_in_float64(("weight",), ("bias", "weight", "shift"))
 def fold_output_affine(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -40,19 +78,18 @@ def fold_output_affine(
 
     Conv (any groups), Linear, and the affine of BatchNorm/GroupNorm/LayerNorm (a
     weight vector): ``(W x + b) * s + t == (W * s) x + (b * s + t)`` (paper eqs. 6, 7).
-    A missing bias is created only when a shift needs it, in the weight's dtype.
+    A missing bias is created only when a shift needs it.
     """
-    like_w, like_b = weight, bias if bias is not None else weight if weight is not None else shift
-    weight, bias, scale, shift = _wide(weight), _wide(bias), _wide(scale), _wide(shift)
     if weight is not None and scale is not None:
         weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
     if bias is not None and scale is not None:
         bias = bias * scale
     if shift is not None:
         bias = shift.clone() if bias is None else bias + shift
-    return _back(weight, like_w), _back(bias, like_b)
+    return weight, bias
 
 
+@_in_float64(("weight",), ("bias", "weight"))
 def fold_conv_transpose_output_affine(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -64,13 +101,14 @@ def fold_conv_transpose_output_affine(
     ``g * (C_out / groups) + j`` is column j of group g's rows."""
     if scale is not None:
         c_in, per_group = weight.shape[0], weight.shape[1]
-        w = _wide(weight).reshape(groups, c_in // groups, per_group, *weight.shape[2:])
-        s = _wide(scale).reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
-        weight = _back((w * s).reshape(weight.shape), weight)
+        w = weight.reshape(groups, c_in // groups, per_group, *weight.shape[2:])
+        s = scale.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+        weight = (w * s).reshape(weight.shape)
     _, bias = fold_output_affine(None, bias, scale, shift)
-    return weight, _back(bias, weight)
+    return weight, bias
 
 
+@_in_float64(("weight",))
 def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A consumer conv/linear reading ``x * s``: scale its input-channel slices.
 
@@ -79,23 +117,71 @@ def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1)
     padding too, since padded zeros stay zero.
     """
     c_out, per_group = weight.shape[0], weight.shape[1]
-    w = _wide(weight).reshape(groups, c_out // groups, per_group, *weight.shape[2:])
-    s = _wide(scale).reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
-    return _back((w * s).reshape(weight.shape), weight)
+    w = weight.reshape(groups, c_out // groups, per_group, *weight.shape[2:])
+    s = scale.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+    return (w * s).reshape(weight.shape)
 
 
-def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
-    """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window
-    lies inside the input): ``W (x + t) + b == W x + (b + sum(W * t))``. Groups 1 only."""
-    t = _wide(shift).reshape((1, -1) + (1,) * (weight.dim() - 2))
-    extra = (_wide(weight) * t).sum(dim=tuple(range(1, weight.dim())))
-    return _back(extra if bias is None else _wide(bias) + extra, bias if bias is not None else weight)
+@_in_float64(("weight",))
+def fold_conv_transpose_input_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A ConvTranspose reading ``x * s``: its weight is [C_in, C_out / groups, *k], input channel c
+    is row c whatever the groups."""
+    return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
 
 
+@_in_float64(("bias", "weight"))
+def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor,
+                     groups: int = 1) -> torch.Tensor:
+    """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window lies
+    inside the input): ``W (x + t) + b == W x + (b + sum(W * t))``; output channel o of group g
+    sums over its group's input slice. Returns the new bias."""
+    c_out, per_group = weight.shape[0], weight.shape[1]
+    w = weight.reshape(groups, c_out // groups, per_group, *weight.shape[2:])
+    t = shift.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+    extra = (w * t).sum(dim=tuple(range(2, w.dim()))).reshape(c_out)
+    return extra if bias is None else bias + extra
+
+
+@_in_float64(("bias",))
 def fold_shift_through_batchnorm(
     bias: torch.Tensor, weight: torch.Tensor | None, running_var: torch.Tensor, eps: float, shift: torch.Tensor
 ) -> torch.Tensor:
     """An eval-mode BatchNorm reading ``y + c``: ``BN(y + c) == BN(y) + c * gamma / sqrt(var + eps)``."""
-    var = _wide(running_var)
-    gamma = torch.ones_like(var) if weight is None else _wide(weight)
-    return _back(_wide(bias) + _wide(shift) * gamma / torch.sqrt(var + eps), bias)
+    gamma = torch.ones_like(running_var) if weight is None else weight
+    return bias + shift * gamma / torch.sqrt(running_var + eps)
+
+
+@_in_float64(("running_mean",), ("weight",), ("bias",))
+def fold_scale_into_batchnorm_input(
+    running_mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_var: torch.Tensor, eps: float,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm reading ``x * s``: returns (running_mean, weight, bias) such that
+    ``BN'(x) == BN(x * s)``.
+
+    ``(x s - m) / d * g + b == (x - m / s) / d * (g s) + b`` with ``d = sqrt(var + eps)``; where
+    ``s == 0`` the output is the constant ``b - m g / d``, so the mean is 0, the weight 0 and the
+    bias takes that constant. The running variance (and eps) stay as they are.
+    """
+    zero = scale == 0
+    safe = torch.where(zero, torch.ones_like(scale), scale)
+    mean = torch.where(zero, torch.zeros_like(running_mean), running_mean / safe)
+    new_bias = torch.where(zero, bias - running_mean * weight / torch.sqrt(running_var + eps), bias)
+    return mean, weight * scale, new_bias
+
+
+@_in_float64(("tensor",))
+def scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """``tensor`` with its slices along ``axis`` multiplied by ``scale`` (a parameter inside a
+    weight's computation, a layer scale): ``(t * g) * v == t * (g * v)``."""
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    return tensor * scale.reshape(shape)
+
+
+@_in_float64(("tensor",))
+def shift_along(tensor: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
+    """``tensor`` with ``shift`` added along ``axis`` (a bias added in the graph: ``(x + b) + c``)."""
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    return tensor + shift.reshape(shape)
