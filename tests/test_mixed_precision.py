@@ -138,6 +138,15 @@ def test_folds_round_once_from_float64(dtype, seed, channels, groups, with_bias)
     assert through.dtype == dtype
     tw, tb = fold.fold_conv_transpose_output_affine(rnd(in_c, out_c // groups, 2, 2), b, groups, s, t)
     assert tw.dtype == dtype and tb.dtype == dtype
+    wt = rnd(in_c, out_c // groups, 2, 2)
+    assert torch.equal(fold.fold_conv_transpose_input_scale(wt, s_in),
+                       fold.fold_conv_transpose_input_scale(d(wt), d(s_in)).to(dtype))
+    mean, gamma, beta = rnd(out_c), rnd(out_c), rnd(out_c)
+    got = fold.fold_scale_into_batchnorm_input(mean, gamma, beta, var, 1e-5, s)
+    want = fold.fold_scale_into_batchnorm_input(d(mean), d(gamma), d(beta), d(var), 1e-5, d(s))
+    assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(got, want))
+    assert torch.equal(fold.scale_along(w, s, 0), fold.scale_along(d(w), d(s), 0).to(dtype))
+    assert torch.equal(fold.shift_along(w, s, 0), fold.shift_along(d(w), d(s), 0).to(dtype))
 
 
 @SETTINGS
