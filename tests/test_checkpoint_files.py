@@ -22,6 +22,11 @@ import asrfx
 from asrfx import checkpoint
 from asrfx.cli import EXIT_FAILURE, main
 
+try:
+    from tests.helpers import examples
+except ImportError:
+    from helpers import examples
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "asrfx:resnet56"
 
@@ -71,7 +76,7 @@ def test_a_zip_with_a_corrupt_central_directory(valid, tmp_path, capsys):
     _refused(tmp_path / "cd.pt", capsys, "cd.pt")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(st.floats(0.0, 0.999))
 def test_any_truncation_is_refused(valid, tmp_path, capsys, fraction):

@@ -16,11 +16,11 @@ import asrfx
 from asrfx.algebra import fold
 
 try:
-    from tests.helpers import randomize
+    from tests.helpers import examples, randomize
 except ImportError:
-    from helpers import randomize
+    from helpers import examples, randomize
 
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOW = [torch.bfloat16, torch.float16]
 
 

@@ -18,12 +18,12 @@ import asrfx
 
 try:
     from tests import zoo
-    from tests.helpers import randomize
+    from tests.helpers import examples, randomize
 except ImportError:
     import zoo
-    from helpers import randomize
+    from helpers import examples, randomize
 
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Net(nn.Module):

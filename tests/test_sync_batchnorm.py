@@ -23,11 +23,11 @@ import asrfx
 from asrfx.nn.attention import ATTENTION
 
 try:
-    from tests.helpers import randomize
+    from tests.helpers import examples, randomize
 except ImportError:
-    from helpers import randomize
+    from helpers import examples, randomize
 
-SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -17,10 +17,10 @@ import asrfx
 
 try:
     from tests import zoo
-    from tests.helpers import randomize
+    from tests.helpers import examples, randomize
 except ImportError:
     import zoo
-    from helpers import randomize
+    from helpers import examples, randomize
 
 X = torch.randn(2, 3, 8, 8)
 WRAPPERS = {"DataParallel": (nn.DataParallel, ".module"), "torch.compile": (torch.compile, "._orig_mod")}
@@ -51,7 +51,7 @@ def _caught(fn):
     return result, [str(w.message) for w in caught if issubclass(w.category, asrfx.AsrfxWarning)]
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(sorted(WRAPPERS)), min_size=1, max_size=3)
        .filter(lambda names: names.count("torch.compile") <= 1),  # compiling a compiled module gives a function
        st.integers(0, 2**16))
