@@ -107,7 +107,8 @@ def trace(
             graph = tracer.trace(model, concrete_args=concrete_args)
             break
         except Exception as exc:  # fx raises many types; we name the place and move on
-            failing = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
+            # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
+            failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
             where = _user_frame(exc)
             if not failing or failing in leaf_paths or len(leaves) >= _MAX_LEAVES:
                 scope = f"module '{failing}'" if failing else f"the forward of {type(model).__name__}"

@@ -230,15 +230,31 @@ _INT_OPS = {operator.mul: operator.mul, operator.add: operator.add, operator.sub
             operator.floordiv: operator.floordiv, operator.mod: operator.mod}
 
 
-def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | None:
-    """The value of a size expression (``4 * x.size(1)``) when every size in it is known."""
+def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | list | None:
+    """The value of a size expression when every size in it is known: ``4 * x.size(1)``, and
+    shape lists built by arithmetic (MONAI: ``[b, c] + [1] * (x.ndim - 2)``)."""
     if node in constants:
         return constants[node]
     if node.op == "call_function" and node.target in _INT_OPS and len(node.args) == 2 and not node.kwargs:
-        values = [a if isinstance(a, int) else _resolve(a, constants) if isinstance(a, fx.Node) else None
-                  for a in node.args]
-        if all(isinstance(v, int) for v in values):
-            return _INT_OPS[node.target](*values)
+        values = [_size_value(a, constants) for a in node.args]
+        if all(v is not None for v in values):
+            try:
+                return _INT_OPS[node.target](*values)
+            except TypeError:  # not size arithmetic after all
+                return None
+    return None
+
+
+def _size_value(arg, constants) -> int | list | None:
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, int):
+        return arg
+    if isinstance(arg, fx.Node):
+        return _resolve(arg, constants)
+    if isinstance(arg, (list, tuple)):
+        items = [_size_value(a, constants) for a in arg]
+        return None if any(v is None for v in items) else list(items)
     return None
 
 

@@ -41,10 +41,10 @@ from ..algebra.fold import (
 from ..graph.dataflow import ancestors
 from ..graph.edit import finish, rewire_inplace
 from ..graph.layers import LayerIndex, layer_of, set_parameter
-from .absorb import Plan, plan_consumers, plan_producer, value_sign
+from .absorb import Plan, plan_consumers, plan_producer, residual_add, value_sign
 from ..nn.gated_norm import GatedBatchNorm
 from ..graph.ops import is_shape_query, module_path_of, node_shape, op_of
-from .contract import ConstantGate, constant_gates, role_of, site_of
+from .contract import ASR_META, ConstantGate, Role, constant_gates, mark, role_of, site_of
 
 __all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes"]
 
@@ -285,10 +285,29 @@ def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> 
     g.combine.replace_input_with(g.operand, const)
 
 
+def _residual_gates_to_scales(gm: fx.GraphModule) -> None:
+    """``x + x * g`` becomes ``x * (1 + g)``: one per-channel scale, which folds like any other."""
+    modules = dict(gm.named_modules())
+    for g in constant_gates(gm):
+        add = residual_add(g.x, g.combine, modules) if g.op == "mul" else None
+        if add is None:
+            continue
+        with gm.graph.inserting_before(g.combine):
+            one_plus = gm.graph.call_function(torch.add, (g.operand, 1.0))
+            scaled = gm.graph.call_function(torch.mul, (g.x, one_plus))
+        if site_of(g.gate):
+            mark(one_plus, Role.GATE, site_of(g.gate))
+        scaled.meta.update({k: v for k, v in add.meta.items() if k != ASR_META})
+        add.replace_all_uses_with(scaled)
+        gm.graph.erase_node(add)
+        gm.graph.erase_node(g.combine)
+
+
 def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
     """Fold every constant gate of ``gm`` (eval mode, nodes with shapes) in place."""
     report = FuseReport()
     rewire_inplace(gm)  # a GraphModule asrfx did not trace may read a tensor after writing into it
+    _residual_gates_to_scales(gm)
     evaluator = ConstantEvaluator(gm)
     _fold_gated_batchnorms(gm, evaluator, report)
     replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
