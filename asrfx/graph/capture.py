@@ -44,7 +44,8 @@ class Traced:
 class _LeafTracer(fx.Tracer):
     """fx.Tracer that also keeps the given module paths and types as leaves."""
 
-    def __init__(self, leaf_paths: set[str], leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = ()):
+        # defaults: unpickling a GraphModule (torch.save(gm), spawn) re-creates its tracer with no arguments
         super().__init__()
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types

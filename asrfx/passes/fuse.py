@@ -241,7 +241,10 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, rep
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if not isinstance(module, GatedBatchNorm) or len(node.args) < 2:
             continue
-        v = evaluator.value(node.args[1]).reshape(-1)
+        path = str(node.target)
+        vector = next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")
+        site = site_of(vector) or path
+        v = _finite(evaluator.value(node.args[1]), site).reshape(-1)
         bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
             len(node_shape(node) or (0, 0, 0, 0))]
         like = next(iter(module.state_dict().values()), v)
@@ -253,15 +256,22 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, rep
             set_parameter(bn, "weight", w)
         set_parameter(bn, "bias", b)
         bn.train(module.training)
-        path = str(node.target)
         parent, _, attr = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, bn)
-        vector = next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")
-        site = site_of(vector) or path
         gates.setdefault(vector, (site, []))[1].append(path)
         node.args = (node.args[0],)
     for site, paths in gates.values():
         report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
+
+
+def _finite(value: Any, site: str) -> Any:
+    """Refuse a gate that is NaN or infinite (a diverged run): folded, it would make every output NaN."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise AsrfxError(f"the gate of '{site or '(top level)'}' has {bad} NaN or infinite value(s) of "
+                         f"{value.numel()}: fuse would write them into the deployed weights. Check the trained "
+                         "psi and excitation parameters (a diverged run?) and fuse a finite checkpoint")
+    return value
 
 
 def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> None:
@@ -309,7 +319,7 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
         g = dataclasses.replace(g, x=x)
         site = _site_of(g)
         x_shape = node_shape(g.x)
-        value = evaluator.value(g.gate)
+        value = _finite(evaluator.value(g.gate), site)
         v, axes, why = _gate_axes(value, x_shape) if x_shape is not None else (None, (0, 0), "no shape for x")
         if v is None:
             _keep_constant(gm, g, value)

@@ -68,6 +68,8 @@ def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules: Laye
                           or type(modules.get(str(t.node.target))) not in _BATCH_NORMS
                           or not modules[str(t.node.target)].affine for t in plan.targets):
         return None
+    if any(modules.calls[str(t.node.target)] > 1 for t in plan.targets):
+        return None  # a shared BatchNorm: its other calls take no gate, the multiply stays
     if not _hoist_before(gate, min(t.node for t in plan.targets)):
         return None
     vector = _graph_vector(gm, gate, min(t.node for t in plan.targets))
