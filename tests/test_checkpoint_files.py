@@ -18,14 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import asrfx
 from asrfx import checkpoint
 from asrfx.cli import EXIT_FAILURE, main
 
-try:
-    from tests.helpers import examples
-except ImportError:
-    from helpers import examples
+from helpers import examples
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "asrfx:resnet56"

@@ -15,10 +15,7 @@ from torch import nn
 import asrfx
 from asrfx.algebra import fold
 
-try:
-    from tests.helpers import examples, randomize
-except ImportError:
-    from helpers import examples, randomize
+from helpers import examples, randomize
 
 SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOW = [torch.bfloat16, torch.float16]

@@ -16,12 +16,8 @@ from torch import nn
 
 import asrfx
 
-try:
-    from tests import zoo
-    from tests.helpers import examples, randomize
-except ImportError:
-    import zoo
-    from helpers import examples, randomize
+import zoo
+from helpers import examples, randomize
 
 SETTINGS = settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -22,10 +22,7 @@ from torch import nn
 import asrfx
 from asrfx.nn.attention import ATTENTION
 
-try:
-    from tests.helpers import examples, randomize
-except ImportError:
-    from helpers import examples, randomize
+from helpers import examples, randomize
 
 SETTINGS = settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,12 +15,8 @@ from torch import nn
 
 import asrfx
 
-try:
-    from tests import zoo
-    from tests.helpers import examples, randomize
-except ImportError:
-    import zoo
-    from helpers import examples, randomize
+import zoo
+from helpers import examples, randomize
 
 X = torch.randn(2, 3, 8, 8)
 WRAPPERS = {"DataParallel": (nn.DataParallel, ".module"), "torch.compile": (torch.compile, "._orig_mod")}
