@@ -33,7 +33,8 @@ from .ops import (
     node_shape, node_shapes, op_of,
 )
 
-__all__ = ["Layout", "infer_layouts", "has_spatial", "is_channel", "merge_tags", "reshape_tags"]
+__all__ = ["Layout", "infer_layouts", "has_spatial", "is_channel", "is_unknown", "merge_tags", "reshape_tags",
+           "unknown_origins"]
 
 Tag = str
 Layout = tuple[Tag, ...]
@@ -47,6 +48,15 @@ def has_spatial(tag: Tag) -> bool:
 def is_channel(tag: Tag) -> bool:
     """A channel axis, possibly merged with channel groups (C, or C with O)."""
     return "C" in tag and set(tag) <= {"C", "O"}
+
+
+def is_unknown(layout) -> bool:
+    """Whether a node's layout (a tuple of tags, or a tuple of those) has an axis of unknown meaning."""
+    if not isinstance(layout, tuple):
+        return False
+    if layout and not isinstance(layout[0], str):
+        return any(is_unknown(part) for part in layout)
+    return any("?" in t for t in layout)
 
 
 def merge_tags(tags: Sequence[Tag]) -> Tag:
@@ -136,7 +146,7 @@ def _const_layout(shape: Sequence[int]) -> Layout:
 # -- anchoring: layers whose semantics fix what their output axes mean ----------------------
 #
 # Each such layer gives every output axis a *role* (one letter per axis):
-#   B  batch: the input's tag if known, else B
+#   B  batch: the input's tag if known (a merged batch such as BO), else B
 #   C  channels the layer computes: always C
 #   K  channels the layer keeps (pooling): the input's tag if known, else C
 #   S  positions the layer slides, pools or maps over: the input's tag if known, else S
@@ -186,7 +196,7 @@ def _apply_roles(roles: str, old: Sequence[Tag] | None, shape: Sequence[int]) ->
         tag = old[k] if old is not None and k < len(old) else "?"
         if role == "C":
             tags.append("C")
-        elif tag == "?":
+        elif tag == "?" or (role == "B" and tag == "1"):  # a batch of one from an unknown op
             tags.append("C" if role == "K" else role)
         else:
             tags.append(_spread(tag, shape[k]))
@@ -330,6 +340,8 @@ class _Propagator:
 
     # -- the rules -----------------------------------------------------------------
     def _layout(self, node: fx.Node, op: Op):
+        if node.op == "output":  # what the graph returns: the layouts of those values
+            return fx.node.map_arg(node.args[0], self.layouts.get)
         shapes = node_shapes(node)
         if shapes is not None:  # tuple-valued: split, chunk, max(dim), var_mean ...
             return self._tuple_layout(node, op, shapes)
@@ -469,8 +481,9 @@ class _Propagator:
             return ("?",) * len(shape)
         tags = _broadcast(shape, fits)
         same = next((o for o in fits if o[2] and len(o[0]) == len(shape)), None)
-        if "?" in tags and same is not None:
-            tags = tuple(_spread(s, size) if t == "?" else t for t, s, size in zip(tags, same[1], shape))
+        if same is not None:  # axes no operand has at this size: the same-rank input's, resized
+            tags = tuple(_spread(s, size) if size != n and t in ("?", "1") else t
+                         for t, s, n, size in zip(tags, same[1], same[0], shape))
         return tags
 
     def _tuple_layout(self, node: fx.Node, op: Op, shapes):
@@ -685,3 +698,13 @@ def infer_layouts(gm: fx.GraphModule) -> dict[fx.Node, Layout | tuple | None]:
     tuple-valued nodes, or None for non-tensor values (sizes, flags).
     """
     return _Propagator(gm).run()
+
+
+def unknown_origins(gm: fx.GraphModule, layouts) -> dict[fx.Node, fx.Node]:
+    """For every value with an axis of unknown meaning, the node where that began: itself if
+    none of its inputs had one, else the origin of its first input that had one."""
+    origin: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if is_unknown(layouts.get(node)):
+            origin[node] = next((origin[i] for i in node.all_input_nodes if i in origin), node)
+    return origin
