@@ -310,11 +310,12 @@ def _match_combine(node: fx.Node, op: Op, flows, layouts, modules) -> tuple[list
 # -- never a silent miss ---------------------------------------------------------------
 #
 # A combine is *attention-like* when one operand g is a gate-like activation (sigmoid,
-# hard sigmoid, softmax, tanh, relu6/hardtanh of a hand-written hard sigmoid; through
-# broadcasts, reshapes, casts and arithmetic with constants) of values computed by at
-# least one learned op from a reduction that leaves no spatial axis (by the layout), and
-# that reduction reads x or a tensor computed from x (or one x is computed from a few ops
-# later). Every attention-like combine that is not a site is kept as a Rejection.
+# hard sigmoid, softmax, tanh, relu6/hardtanh of a hand-written hard sigmoid; reached
+# through broadcasts, reshapes, casts, arithmetic with non-feature-map values and ops asrfx
+# has no name for) of values computed by at least one learned op from a reduction that
+# leaves no spatial axis (by the layout), and that reduction reads x or a tensor computed
+# from x (or one x is computed from a few ops later). Every attention-like combine that is
+# not a site is kept as a Rejection (docs/architecture.md, "Never a silent miss").
 
 # Activations that squash a value into a gate.
 _GATE_ACTIVATIONS = frozenset({"sigmoid", "hardsigmoid", "softmax", "tanh", "relu6", "hardtanh"})
@@ -330,7 +331,6 @@ _WALK_LIMIT = 64  # nodes examined behind a gate: an excitation is small
 @dataclass(frozen=True)
 class _Pattern:
     x: fx.Node  # the feature map the gate meets
-    gate: fx.Node  # the combine's other operand
     pool: fx.Node  # the reduction the gate is computed from
     activation: fx.Node  # the gate-like activation
     nodes: frozenset[fx.Node]  # nodes between the combine and the reduction (activation included)
@@ -395,7 +395,7 @@ def _attention_like(x: fx.Node, g: fx.Node, flows, layouts, modules) -> _Pattern
         if src is None or not (src is x or _reaches_from({x}, src) or _reaches_from({src}, x, limit=8)):
             continue
         if any(_learned_node(n, flows, modules) and _reaches_from({pool}, n) for n in walked):
-            return _Pattern(x, g, pool, act, frozenset(walked) | frozenset(carriers))
+            return _Pattern(x, pool, act, frozenset(walked) | frozenset(carriers))
     return None
 
 
