@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.fx.node import map_aggregate
 
 from ..errors import TracingError
+from .edit import rewire_inplace
 from ..passes.site import LeafRecord
 
 __all__ = ["Traced", "trace", "propagate_shapes", "as_input_tuple"]
@@ -122,6 +123,7 @@ def trace(
     graph, mode_note = _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
+    rewire_inplace(gm)
     return Traced(gm, tuple(leaves), mode_note)
 
 
@@ -227,6 +229,7 @@ class _MetaRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.metas: list[Any] = []
+        self.devices: list[torch.device | None] = []  # x.device reads in a psi branch are answered from these
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -241,6 +244,7 @@ class _MetaRecorder(fx.Interpreter):
 
         meta = map_aggregate(result, extract)
         self.metas.append(meta if found else None)
+        self.devices.append(result.device if isinstance(result, torch.Tensor) else None)
         return result
 
 
@@ -274,6 +278,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
                 "  What to do: check that example_inputs match the model's forward "
                 "(a tensor or a tuple of positional inputs)."
             ) from exc
-    for node, meta in zip(gm.graph.nodes, recorder.metas):
+    for node, meta, device in zip(gm.graph.nodes, recorder.metas, recorder.devices):
         if meta is not None:
             node.meta["tensor_meta"] = meta
+        if device is not None:
+            node.meta["device"] = device

@@ -12,6 +12,8 @@ from torch import fx, nn
 from .ops import is_shape_query, op_of
 
 __all__ = [
+    "rewire_inplace",
+    "is_inplace",
     "substitute",
     "finish",
     "eliminate_dead_code",
@@ -28,19 +30,68 @@ def substitute(value: Any, mapping: dict[fx.Node, Any]) -> Any:
     return fx.node.map_aggregate(value, lambda a: mapping.get(a, a) if isinstance(a, fx.Node) else a)
 
 
-def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """What must stay even when unused: in-place ops, user leaf modules, side effects."""
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.op == "call_module":
-        module = modules.get(str(node.target))
-        return not type(module).__module__.startswith("torch.nn")
+def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An op that writes into its first argument: ``x.mul_(y)``, ``torch.relu_(x)``,
+    ``F.silu(x, inplace=True)``, ``nn.ReLU(inplace=True)``."""
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return name.endswith("_") or name in ("_assert", "_assert_async", "print")
+        return (name.endswith("_") and not name.endswith("__") and name not in ("_assert",)) \
+            or node.kwargs.get("inplace") is True
+    if node.op == "call_module":
+        return getattr(modules.get(str(node.target)), "inplace", False) is True
     return False
+
+
+# Ops whose result may share memory with their input: writing into it writes into the input too.
+_VIEWS = frozenset({"view", "reshape", "getitem", "transpose", "permute", "expand", "expand_as", "narrow",
+                    "squeeze", "unsqueeze", "flatten", "unflatten", "select", "as_strided", "t", "detach",
+                    "view_as", "reshape_as", "split", "chunk", "unbind", "diagonal", "movedim", "slice"})
+
+
+def rewire_inplace(gm: fx.GraphModule) -> None:
+    """Readers that come after an in-place op read its result instead of the tensor it wrote into.
+
+    ``y = x.mul_(g); z = f(x)`` reads the written values through the name x; after this pass
+    ``z = f(y)``, so every analysis (and dead-code elimination) sees the data flow as it is.
+    """
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        target = node.args[0] if node.args else None
+        if not isinstance(target, fx.Node) or not is_inplace(node, modules):
+            continue
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+
+
+def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """What must stay even when unused: writes into inputs, parameters or views, user leaf modules,
+    side effects. A write into a temporary nothing reads afterwards (after :func:`rewire_inplace`)
+    is dead like any other op."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        if getattr(module, "inplace", False) is True:
+            return _writes_observably(node, modules)
+        return not type(module).__module__.startswith("torch.nn")
+    if node.op == "call_function" and getattr(node.target, "__name__", "") in ("_assert", "_assert_async", "print"):
+        return True
+    if node.op in ("call_method", "call_function") and is_inplace(node, modules):
+        return _writes_observably(node, modules)
+    return False
+
+
+def _writes_observably(node: fx.Node, modules) -> bool:
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node):
+        return True
+    if target.op in ("placeholder", "get_attr") or op_of(target, modules).name in _VIEWS:
+        return True
+    return any(u is not node and u > node for u in target.users)  # read again after the write
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from .edit import copy_meta, unique_attr_name
-from .ops import op_of
+from .ops import argument, op_of
 
 __all__ = ["Layer", "LayerIndex", "layer_of", "set_parameter"]
 
@@ -26,12 +26,12 @@ _SIGNATURES = {
     "conv": {"weight": 1, "bias": 2, "padding": 4, "groups": 6},  # conv2d(x, w, b, stride, padding, dilation, groups)
     "conv_transpose": {"weight": 1, "bias": 2, "groups": 6},  # (x, w, b, stride, padding, output_padding, groups)
     "linear": {"weight": 1, "bias": 2},
-    "batch_norm": {"weight": 3, "bias": 4, "running_var": 2, "training": 5, "eps": 7},  # F.batch_norm(x, mean, var, w, b, ...)
+    "batch_norm": {"weight": 3, "bias": 4, "running_mean": 1, "running_var": 2, "training": 5, "eps": 7},  # F.batch_norm(x, mean, var, w, b, ...)
     "group_norm": {"weight": 2, "bias": 3},  # (x, num_groups, w, b, eps)
     "layer_norm": {"normalized_shape": 1, "weight": 2, "bias": 3},  # (x, normalized_shape, w, b, eps)
 }
 # aten.batch_norm (exported programs) orders them differently: (x, w, b, mean, var, training, momentum, eps, cudnn)
-_ATEN_BATCH_NORM = {"weight": 1, "bias": 2, "running_var": 4, "training": 5, "eps": 7}
+_ATEN_BATCH_NORM = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4, "training": 5, "eps": 7}
 
 
 def _signature(node: fx.Node, name: str) -> dict[str, int]:
@@ -41,8 +41,12 @@ def _signature(node: fx.Node, name: str) -> dict[str, int]:
 
 
 def set_parameter(owner: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    """Install a new Parameter (a copy of ``value``); the old tensor is never written to."""
+    """Install a copy of ``value`` as ``owner.name``: a Parameter (keeping requires_grad), or a buffer
+    where the old tensor was one (running statistics); the old tensor is never written to."""
     if value is None:
+        return
+    if name in owner._buffers:
+        owner._buffers[name] = value.detach().clone()
         return
     old = getattr(owner, name, None)
     requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
@@ -68,26 +72,38 @@ class Layer:
     """One conv / conv-transpose / linear / norm call and its parameters."""
 
     node: fx.Node  # the call
-    name: str  # canonical op: "conv", "conv_transpose", "linear", "batch_norm", "group_norm", "layer_norm"
+    name: str  # canonical op: "conv", "conv_transpose", "linear", "batch_norm", "group_norm", "layer_norm" ...
     label: str  # how reasons name it: the module path, or the node name of a functional call
     module: nn.Module | None  # the called module, None for a functional call
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
+    weight: torch.Tensor | None  # the stored weight (None when absent or computed in the graph)
+    bias: torch.Tensor | None  # the stored bias (None when absent or computed in the graph)
+    computed: dict[str, fx.Node]  # "weight"/"bias" computed in the graph from parameters -> that node
     groups: int  # conv groups (1 for other layers)
     padded: bool  # a conv that pads its input (a shift cannot fold into it exactly)
     normalized_shape: tuple[int, ...] | None  # layer_norm only
+    running_mean: torch.Tensor | None  # batch_norm only
     running_var: torch.Tensor | None  # batch_norm only
     eps: float  # norms only
+    training: bool  # normalizes with batch statistics (batch_norm in training mode)
     qualified_bias: str | None  # where the bias lives (a dotted attribute path), if it exists
 
+    @property
+    def has_weight(self) -> bool:
+        return self.weight is not None or "weight" in self.computed
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None or "bias" in self.computed
+
     def set(self, which: str, value: torch.Tensor) -> None:
-        """Replace the weight or bias (creating the bias of a functional call that has none)."""
+        """Replace a stored tensor (weight, bias, running_mean), keeping it a parameter or a buffer;
+        a functional call without a bias gets one."""
         if self.module is not None:
             set_parameter(self.module, which, value)
             return
         gm = self.node.graph.owning_module
         index = _signature(self.node, self.name)[which]
-        current = _argument(self.node, index, which)
+        current = argument(self.node, index, which)
         if isinstance(current, fx.Node):
             owner, attr = _owner(gm, str(current.target))
             set_parameter(owner, attr, value)
@@ -114,20 +130,31 @@ def layer_of(node: fx.Node, index: LayerIndex) -> Layer | str:
     return f"'{node.name}' ({op.name}) cannot absorb a per-channel constant"
 
 
+def _padded(padding: Any) -> bool:
+    if padding is None:
+        return False
+    if isinstance(padding, str):
+        return padding != "valid"
+    return any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+
+
 def _module_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
     path = str(node.target)
     module = index[path]
     if index.calls[path] != 1:
         return f"'{path}' is called more than once (shared weights)"
-    padding = getattr(module, "padding", 0)
-    padded = name == "conv" and (padding == "same" or any(p != 0 for p in (
-        padding if isinstance(padding, tuple) else (padding,))))
+    if name == "conv" and getattr(module, "padding_mode", "zeros") != "zeros":
+        padded = True  # reflect/replicate/circular padding copies values: a shift would see them
+    else:
+        padded = name == "conv" and _padded(getattr(module, "padding", 0))
     return Layer(
         node=node, name=name, label=path, module=module,
-        weight=getattr(module, "weight", None), bias=getattr(module, "bias", None),
+        weight=getattr(module, "weight", None), bias=getattr(module, "bias", None), computed={},
         groups=getattr(module, "groups", 1), padded=padded,
         normalized_shape=tuple(module.normalized_shape) if name == "layer_norm" else None,
-        running_var=getattr(module, "running_var", None), eps=float(getattr(module, "eps", 0.0)),
+        running_mean=getattr(module, "running_mean", None), running_var=getattr(module, "running_var", None),
+        eps=float(getattr(module, "eps", 0.0)),
+        training=name == "batch_norm" and (module.training or module.running_var is None),
         qualified_bias=f"{path}.bias" if getattr(module, "bias", None) is not None else None,
     )
 
@@ -135,8 +162,9 @@ def _module_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
 def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
     gm = index.gm
     signature = _signature(node, name)
-    read = lambda key, default=None: (_argument(node, signature[key], key) if key in signature else default)
+    read = lambda key, default=None: (argument(node, signature[key], key, default) if key in signature else default)
     values: dict[str, Any] = {}
+    computed: dict[str, fx.Node] = {}
     for which in ("weight", "bias"):
         arg = read(which)
         if arg is None:
@@ -145,33 +173,29 @@ def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | st
             if index.reads[str(arg.target)] != 1:
                 return f"'{node.name}' ({name}) shares its {which} '{arg.target}' with other layers"
             values[which] = _fetch(gm, str(arg.target))
+        elif isinstance(arg, fx.Node):
+            values[which] = None  # weight standardization, weight norm: folded through its own graph
+            computed[which] = arg
         else:
-            return f"'{node.name}' ({name}) computes its {which} in the graph; only stored parameters can absorb a constant"
-    if name == "batch_norm" and read("training") is True:
-        return f"'{node.name}' (batch_norm) normalizes with batch statistics (training mode)"
-    groups = read("groups", 1)
-    padding = read("padding", 0)
-    padding = 0 if padding is None else padding
-    if isinstance(padding, str):
-        padded = padding != "valid"
-    else:
-        padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
-    var, eps, shape, bias_arg = read("running_var"), read("eps"), read("normalized_shape"), read("bias")
+            return f"'{node.name}' ({name}) takes a constant {which} that cannot change"
+    if isinstance(read("groups", 1), fx.Node):
+        return f"'{node.name}' ({name}) computes its groups at run time (per-sample kernels)"
+    training = read("training")
+    if isinstance(training, fx.Node):  # a read of the GraphModule's own training flag
+        training = gm.training if training.op == "get_attr" and training.target == "training" else True
+    mean, var, eps, shape, bias_arg = (read("running_mean"), read("running_var"), read("eps"),
+                                      read("normalized_shape"), read("bias"))
+    stored = lambda arg: _fetch(gm, str(arg.target)) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
     return Layer(
         node=node, name=name, label=node.name, module=None,
-        weight=values["weight"], bias=values["bias"],
-        groups=1 if groups is None else int(groups), padded=padded,
+        weight=values["weight"], bias=values["bias"], computed=computed,
+        groups=int(read("groups", 1) or 1), padded=_padded(read("padding", 0)),
         normalized_shape=tuple(shape) if shape is not None else None,
-        running_var=_fetch(gm, str(var.target)) if isinstance(var, fx.Node) and var.op == "get_attr" else None,
+        running_mean=stored(mean), running_var=stored(var),
         eps=1e-5 if eps is None else float(eps),
-        qualified_bias=str(bias_arg.target) if isinstance(bias_arg, fx.Node) else None,
+        training=name == "batch_norm" and (training is not False or stored(var) is None),
+        qualified_bias=str(bias_arg.target) if isinstance(bias_arg, fx.Node) and bias_arg.op == "get_attr" else None,
     )
-
-
-def _argument(node: fx.Node, position: int, keyword: str) -> Any:
-    if keyword in node.kwargs:
-        return node.kwargs[keyword]
-    return node.args[position] if len(node.args) > position else None
 
 
 def _set_argument(node: fx.Node, position: int, keyword: str, value: Any) -> None:

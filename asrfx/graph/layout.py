@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from .ops import (
-    BROADCASTS, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, data_inputs, is_shape_query, module_op,
-    node_shape, node_shapes, op_of,
+    BROADCASTS, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, argument, data_inputs, is_shape_query,
+    module_op, node_shape, node_shapes, op_of,
 )
 
 __all__ = ["Layout", "infer_layouts", "has_spatial", "is_channel", "is_unknown", "merge_tags", "reshape_tags",
@@ -178,7 +178,7 @@ def _roles(op: Op, node: fx.Node | None, rank: int) -> str | None:
 
 def _normalized_rank(node: fx.Node | None, op: Op) -> int | None:
     shape = op.module.normalized_shape if op.module is not None else \
-        (_arg(node, 1, "normalized_shape") if node is not None else None)
+        (argument(node, 1, "normalized_shape") if node is not None else None)
     if isinstance(shape, int):
         return 1
     return len(shape) if isinstance(shape, (tuple, list)) else None
@@ -268,26 +268,20 @@ def _norm_dims(dim, rank: int) -> list[int] | None:
     return sorted({d % rank for d in dim}) if rank else []
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if len(node.args) > index else default
-
-
 def _axis_order(node: fx.Node, name: str, rank: int) -> list[int] | None:
     """Where each output axis of a permute/transpose/movedim/.T comes from."""
     try:
         if name == "permute":
-            order = node.args[1:] if len(node.args) > 2 or isinstance(_arg(node, 1, "dims"), int) \
-                else _arg(node, 1, "dims")
+            order = node.args[1:] if len(node.args) > 2 or isinstance(argument(node, 1, "dims"), int) \
+                else argument(node, 1, "dims")
             return [int(d) % rank for d in order]
         if name == "transpose":
-            a, b = int(_arg(node, 1, "dim0")) % rank, int(_arg(node, 2, "dim1")) % rank
+            a, b = int(argument(node, 1, "dim0")) % rank, int(argument(node, 2, "dim1")) % rank
             order = list(range(rank))
             order[a], order[b] = order[b], order[a]
             return order
         if name == "movedim":
-            src, dst = _arg(node, 1, "source"), _arg(node, 2, "destination")
+            src, dst = argument(node, 1, "source"), argument(node, 2, "destination")
             src = [src] if isinstance(src, int) else list(src)
             dst = [dst] if isinstance(dst, int) else list(dst)
             src, dst = [s % rank for s in src], [d % rank for d in dst]
@@ -341,7 +335,7 @@ class _Propagator:
     # -- the rules -----------------------------------------------------------------
     def _layout(self, node: fx.Node, op: Op):
         if node.op == "output":  # what the graph returns: the layouts of those values
-            return fx.node.map_arg(node.args[0], self.layouts.get)
+            return fx.node.mapargument(node.args[0], self.layouts.get)
         shapes = node_shapes(node)
         if shapes is not None:  # tuple-valued: split, chunk, max(dim), var_mean ...
             return self._tuple_layout(node, op, shapes)
@@ -397,7 +391,7 @@ class _Propagator:
             order = _axis_order(node, op.name, rank)
             return [axes[o] for o in order] if order is not None and len(order) == len(shape) else None
         if op.name == "unsqueeze" and len(shape) == rank + 1:
-            dim = _arg(node, 1, "dim")
+            dim = argument(node, 1, "dim")
             return axes[:dim % len(shape)] + [None] + axes[dim % len(shape):] if isinstance(dim, int) else None
         if op.name == "squeeze":
             kept = [a for a, (d, s) in zip(axes, enumerate(in_shape)) if s != 1 or not self._squeezes(node, d, rank)]
@@ -409,7 +403,7 @@ class _Propagator:
 
     @staticmethod
     def _squeezes(node: fx.Node, d: int, rank: int) -> bool:
-        dims = _norm_dims(_arg(node, 1, "dim"), rank)
+        dims = _norm_dims(argument(node, 1, "dim"), rank)
         return dims is None or d in dims
 
     def _anchor(self, node, op, shape, in_shape, in_lay) -> Layout | None:
@@ -437,13 +431,13 @@ class _Propagator:
     def _unsqueeze(self, node, op, shape, in_shape, in_lay) -> Layout | None:
         if in_lay is None or len(shape) != len(in_lay) + 1:
             return None
-        dim = _arg(node, 1, "dim") % len(shape)
+        dim = argument(node, 1, "dim") % len(shape)
         return in_lay[:dim] + ("1",) + in_lay[dim:]
 
     def _squeeze(self, node, op, shape, in_shape, in_lay) -> Layout | None:
         if in_lay is None:
             return None
-        dim = _arg(node, 1, "dim")
+        dim = argument(node, 1, "dim")
         dims = _norm_dims(dim, len(in_lay)) if dim is not None else None
         if dims is None:
             dims = [d for d, s in enumerate(in_shape) if s == 1]
@@ -494,7 +488,7 @@ class _Propagator:
             return tuple(self._reduce(node, op, s, in_shape, in_lay) if s is not None else None
                          for s in shapes)
         if op.name == "unbind":
-            dim = _arg(node, 1, "dim", 0) % len(in_lay)
+            dim = argument(node, 1, "dim", 0) % len(in_lay)
             lay = in_lay[:dim] + in_lay[dim + 1:]
             return tuple(lay for _ in shapes)
         # split / chunk / tensor_split keep the meaning of every axis
@@ -549,7 +543,7 @@ class _Propagator:
             return None
         name, rank = op.name, len(in_lay)
         dim_index = 2 if name in ("norm", "vector_norm") else 1
-        dim = _arg(node, dim_index, "dim")
+        dim = argument(node, dim_index, "dim")
         if isinstance(dim, bool):  # old std/var spelling: std(x, unbiased)
             dim = None
         if name in ("amax", "amin") and dim in ((), []):
@@ -584,7 +578,7 @@ class _Propagator:
         adaptive = op.name.startswith("adaptive")
         kernel = (None,) * k
         if not adaptive:
-            kernel = op.module.kernel_size if op.module is not None else _arg(node, 1, "kernel_size")
+            kernel = op.module.kernel_size if op.module is not None else argument(node, 1, "kernel_size")
             if isinstance(kernel, (int, fx.Node)):
                 kernel = (kernel,) * k
             kernel = tuple(kernel) if kernel is not None else (None,) * k
@@ -647,7 +641,7 @@ class _Propagator:
 
     def _stack(self, node, op, shape, in_shape, in_lay) -> Layout:
         tensors = node.args[0] if node.args else []
-        dim = _arg(node, 1, "dim", 0) % len(shape)
+        dim = argument(node, 1, "dim", 0) % len(shape)
         lays = [self.layouts.get(t) for t in tensors if isinstance(t, fx.Node)]
         lays = [l for l in lays if isinstance(l, tuple) and len(l) == len(shape) - 1]
         if not lays:
@@ -685,7 +679,7 @@ def _covers(kernel, size_in: int) -> bool:
 
 
 def _adaptive_output_size(node: fx.Node, op: Op, k: int):
-    size = op.module.output_size if op.module is not None else _arg(node, 1, "output_size")
+    size = op.module.output_size if op.module is not None else argument(node, 1, "output_size")
     if isinstance(size, int) or size is None:
         return (size,) * k
     return tuple(size)

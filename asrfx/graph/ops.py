@@ -37,6 +37,8 @@ __all__ = [
     "data_inputs",
     "data_readers",
     "is_shape_query",
+    "argument",
+    "broadcast_source",
 ]
 
 
@@ -267,3 +269,32 @@ def data_readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
             continue
         readers.append(user)
     return readers
+
+
+def argument(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    """An argument of a call by keyword or position (``conv2d(x, w, b, stride, padding)``): the one reader."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
+def broadcast_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """The tensor that broadcast-only ops spread: through expand, expand_as, broadcast_to,
+    contiguous, clone, and repeat / tile where every repeated axis has size 1 (``g.repeat(1, 1, h, w)``
+    of a ``[N, C, 1, 1]`` gate is a broadcast; a multiply broadcasts the source the same way)."""
+    while node.args and isinstance(node.args[0], fx.Node) and op_of(node, modules).name in BROADCASTS:
+        if op_of(node, modules).name in ("repeat", "tile") and not _repeat_broadcasts(node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _repeat_broadcasts(node: fx.Node) -> bool:
+    shape = node_shape(node.args[0])
+    reps = node.args[1:] if len(node.args) > 2 or not isinstance(argument(node, 1, "dims"), (tuple, list)) \
+        else argument(node, 1, "dims")
+    reps = list(argument(node, 1, "repeats", reps) if "repeats" in node.kwargs else reps)
+    if shape is None or not reps:
+        return False
+    padded = (1,) * max(len(reps) - len(shape), 0) + tuple(shape)
+    return all(size == 1 for size, rep in zip(padded[-len(reps):], reps) if not (isinstance(rep, int) and rep == 1))

@@ -36,6 +36,8 @@ from ..errors import AsrfxError
 from ..graph.edit import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from ..nn.gated_norm import GatedBatchNorm
 from ..graph.ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
+from ..graph.layers import LayerIndex
+from .absorb import plan_producer, static_sign
 from .site import AttentionSite, Combine
 
 __all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "CalibratedPsi", "convert_sites", "why_not_convertible",
@@ -391,10 +393,13 @@ def convert_sites(
 def move_gates_into_batchnorm(gm: fx.GraphModule, report: ConvertReport) -> fx.GraphModule:
     """Training fast path: ``BN(y) * v`` with v from psi becomes ``GatedBatchNorm(y, v)``.
 
-    Applies where x is the output of a torch BatchNorm module that nothing else reads
-    and the gate is a per-channel vector of batch 1 (paper eq. 7, applied while training).
+    Applies where the gate's producer plan (:mod:`asrfx.passes.absorb`, the rule table fuse
+    reads too) ends only in torch BatchNorm modules: through ReLU for a non-negative gate,
+    dropout, pooling, reshapes, into every branch of a sum, into each part of a concatenation.
+    Each BatchNorm then applies its part of the gate inside its affine (paper eq. 7, while
+    training): no extra pass over the feature map.
     """
-    modules = dict(gm.named_modules())
+    modules = LayerIndex(gm)
     gated_at: dict[str, str] = {}
     for site_path, x, gate, combine in report.applications:
         if getattr(combine, "_erased", False) or getattr(x, "_erased", False):
@@ -409,56 +414,54 @@ def move_gates_into_batchnorm(gm: fx.GraphModule, report: ConvertReport) -> fx.G
     return finish(gm)
 
 
-_NON_NEGATIVE = frozenset({"sigmoid", "hardsigmoid", "softmax", "relu", "relu6", "exp", "softplus"})
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-_CHAIN = frozenset({"identity", "dropout"})  # commute with any per-channel scale
-
-
-def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> str | None:
-    """Rewrite ``BN(y) [-> identity/dropout/relu] * v`` as ``GatedBatchNorm(y, v) [-> ...]``.
-
-    relu is looked through only when v >= 0 (relu(a) * v == relu(a * v)).
-    """
+def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules: LayerIndex) -> str | None:
+    """Rewrite ``BN(y) [-> ops the gate commutes with] * v`` as ``GatedBatchNorm(y, v) [-> ...]``."""
     if op_of(combine, modules).name != "mul":
-        return None
-    non_negative = op_of(gate, modules).name in _NON_NEGATIVE
-    readers = lambda n: data_readers(n, modules)
-    if readers(x) != [combine]:
-        return None
-    bn_node = x
-    while op_of(bn_node, modules).name in _CHAIN or (op_of(bn_node, modules).name == "relu" and non_negative):
-        nxt = bn_node.args[0] if bn_node.args else None
-        if not isinstance(nxt, fx.Node) or readers(nxt) != [bn_node]:
-            return None
-        bn_node = nxt
-    if bn_node.op != "call_module":
-        return None
-    bn = modules.get(str(bn_node.target))
-    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or not bn.affine:
         return None
     gate_shape, x_shape = node_shape(gate), node_shape(x)
     if gate_shape is None or x_shape is None or node_shape(combine) != x_shape:
         return None
-    if len(gate_shape) != len(x_shape) or gate_shape[0] != 1 or gate_shape[1] != x_shape[1] \
-            or any(s != 1 for s in gate_shape[2:]):
+    if len(gate_shape) != len(x_shape) or gate_shape[0] != 1 or any(s != 1 for s in gate_shape[2:]) \
+            or gate_shape[1] != x_shape[1]:
         return None
-    if not _hoist_before(gate, bn_node):
+    plan = plan_producer(x, combine, 1, "mul", static_sign(gate, modules), modules)
+    if not plan.ok or any(t.kind != "batch_norm" or t.node.op != "call_module"
+                          or type(modules.get(str(t.node.target))) not in _BATCH_NORMS
+                          or not modules[str(t.node.target)].affine for t in plan.targets):
         return None
-    path = str(bn_node.target)
-    set_module(gm, path, GatedBatchNorm(bn))
-    y = bn_node.args[0]
-    with gm.graph.inserting_before(bn_node):
-        vector = gm.graph.call_method("reshape", (gate, -1))
-        new = gm.graph.call_module(path, (y, vector))
-    vector.meta[ASR_META] = {"role": "gate_vector", "site": (gate.meta.get(ASR_META) or {}).get("site", "")}
-    copy_meta(bn_node, new)
-    top = new if x is bn_node else x  # x now carries the gate
-    bn_node.replace_all_uses_with(new)
-    gm.graph.erase_node(bn_node)
-    combine.replace_all_uses_with(top)
+    if not _hoist_before(gate, min(t.node for t in plan.targets)):
+        return None
+    vector = _graph_vector(gm, gate, min(t.node for t in plan.targets))
+    paths, new_of = [], {}
+    for t in plan.targets:
+        path = str(t.node.target)
+        set_module(gm, path, GatedBatchNorm(modules[path]))
+        with gm.graph.inserting_before(t.node):
+            part = vector
+            if (t.span.start, t.span.stop, t.span.offset) != (0, t.width, 0):  # one branch's share of the gate
+                part = gm.graph.call_function(operator.getitem, (vector, slice(t.span.start, t.span.stop)))
+                before, after = t.span.offset, t.width - t.span.offset - (t.span.stop - t.span.start)
+                part = gm.graph.call_function(F.pad, (part, (before, after)), {"value": 1.0})
+            new = gm.graph.call_module(path, (t.node.args[0], part))
+        copy_meta(t.node, new)
+        t.node.replace_all_uses_with(new)
+        gm.graph.erase_node(t.node)
+        new_of[t.node] = new
+        paths.append(path)
+    combine.replace_all_uses_with(new_of.get(x, x))  # x now carries the gate
     gm.graph.erase_node(combine)
-    return path
+    return ", ".join(paths)
+
+
+def _graph_vector(gm: fx.GraphModule, gate: fx.Node, anchor: fx.Node) -> fx.Node:
+    """The gate as a flat vector, computed before ``anchor``."""
+    with gm.graph.inserting_before(anchor):
+        vector = gm.graph.call_method("reshape", (gate, -1))
+    vector.meta[ASR_META] = {"role": "gate_vector", "site": (gate.meta.get(ASR_META) or {}).get("site", "")}
+    return vector
 
 
 def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:

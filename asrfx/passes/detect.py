@@ -32,6 +32,8 @@ from ..graph.ops import (
     BROADCASTS, COMBINE_ADD, COMBINE_MUL, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, data_inputs,
     is_shape_query, node_shape, op_of,
 )
+from ..graph.layers import LayerIndex
+from .absorb import label_of, plan_consumers, plan_producer, static_sign
 from .site import Absorption, AttentionSite, Combine, GateUse, LayoutLoss, Rejection, SiteKind, Verdict
 
 __all__ = ["Flow", "Detection", "analyse_flow", "detect", "module_path_of", "pool_branch"]
@@ -64,10 +66,6 @@ _LEARNED_FUNCTIONS = frozenset(
      "addmm", "baddbmm", "addcmul"}
 )
 _LEARNED_MODULES = frozenset({"linear", "conv", "conv_transpose", "bilinear", "module"})
-# Ops that commute with a positive per-channel scale: a gate can be folded through them.
-_LOOK_THROUGH = frozenset({"relu", "leaky_relu", "max_pool", "avg_pool", "adaptive_avg_pool",
-                           "adaptive_max_pool", "dropout", "identity"})
-_ABSORBERS = frozenset({"conv", "conv_transpose", "linear", "batch_norm", "layer_norm", "group_norm"})
 
 
 def module_path_of(node: fx.Node) -> str | None:
@@ -438,6 +436,16 @@ def _refuse(node: fx.Node, op: Op, refusals: list[_Refusal], flows, layouts, mod
     return Rejection(node, where, reason, Verdict.UNDECIDED)
 
 
+def _place(node: fx.Node) -> str:
+    """A node as a human finds it in the model: the module it calls, else its module path and name."""
+    path = module_path_of(node)
+    return f"{path}:{node.name}" if path and node.op != "call_module" else label_of(node)
+
+
+def _label(op: Op) -> str:
+    return type(op.module).__name__ if op.module is not None else op.name
+
+
 def _tags(layout) -> str:
     return "(" + ", ".join(layout) + ")" if isinstance(layout, tuple) else "(none)"
 
@@ -475,7 +483,7 @@ def _layout_losses(gm: fx.GraphModule, origins, modules) -> list[LayoutLoss]:
 
 def detect(gm: fx.GraphModule, layouts=None) -> Detection:
     """Find every channel-attention site of ``gm`` (whose nodes carry shape metadata)."""
-    modules = dict(gm.named_modules())
+    modules = LayerIndex(gm)
     if layouts is None:
         layouts = infer_layouts(gm)
     flows = analyse_flow(gm, layouts, modules)
@@ -530,7 +538,7 @@ def _record(group: list[_Match], flows, layouts, modules, order) -> AttentionSit
         channel_dim=first.channel_dim,
         channels=x_shape[first.channel_dim],
         gate_shape=node_shape(first.use.gate),
-        absorption=_absorption(first.use.x, first.channel_dim, internal, modules),
+        absorption=_absorption(first.use, first.channel_dim, internal, modules),
         module_path=_common_path(paths),
         module_paths=tuple(sorted(all_paths)),
     )
@@ -630,71 +638,34 @@ def _grid(pool: fx.Node) -> int:
     return size
 
 
-def _absorption(x: fx.Node, channel_dim: int, internal: set[fx.Node], modules) -> Absorption:
-    """Walk from x to the layer that could absorb a per-channel scale, or say why not."""
-    cur, through, prev = x, [], None
-    while True:
-        readers = [u for u in cur.users if u not in internal and u is not prev
-                   and not is_shape_query(u, op_of(u, modules))]
-        if readers:
-            return Absorption(x, None, tuple(through),
-                              f"'{_place(cur)}' is also read unscaled by '{_place(readers[0])}'; "
-                              "fold into consumers instead")
-        op = op_of(cur, modules)
-        rank = len(node_shape(cur) or ())
-        if op.name in _ABSORBERS:
-            ok, why = _absorbs(cur, op, channel_dim, rank)
-            if ok:
-                via = "".join(f" through {_label(op_of(t, modules))}" for t in through)
-                return Absorption(x, cur, tuple(through), f"{_label(op)} '{_place(cur)}'{via}")
-            return Absorption(x, None, tuple(through), why)
-        if op.name in _LOOK_THROUGH and cur.args and isinstance(cur.args[0], fx.Node):
-            through.append(cur)
-            internal = internal | {cur}
-            prev, cur = cur, cur.args[0]
-            continue
-        return Absorption(x, None, tuple(through), _why_not(cur, op))
+def _absorption(use: GateUse, channel_dim: int, internal: set[fx.Node], modules: LayerIndex) -> Absorption:
+    """Where the gate will fold: the plan fuse follows (producer first, then consumers), read
+    from the rule table. The gate's values are unknown here: its sign comes from its last op
+    (a sigmoid gate is non-negative), and a fold that needs a sign it cannot know says so."""
+    axes = _gate_axes(use, channel_dim)
+    sign = static_sign(use.gate, modules)
+    ignore = frozenset(internal - {use.combine})
+    producer = plan_producer(use.x, use.combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
+    plan = producer
+    if not producer.ok:
+        plan = plan_consumers(use.combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
+    if not plan.ok:
+        return Absorption(use.x, "kept", (), (), f"stays a multiply: producer: {producer.reason}; "
+                                                  f"consumers: {plan.reason}")
+    through = tuple(dict.fromkeys(n for t in plan.targets for n in t.through))
+    text = plan.describe(modules)
+    if plan is not producer:
+        text += f" (producer: {producer.reason})"
+    return Absorption(use.x, plan.side, tuple(t.node for t in plan.targets), through, text)
 
 
-def _absorbs(node: fx.Node, op: Op, channel_dim: int, rank: int) -> tuple[bool, str]:
-    label = _label(op)
-    if op.name in ("conv", "conv_transpose", "batch_norm", "group_norm"):
-        if channel_dim != 1:
-            return False, f"'{_place(node)}' ({label}) has channels on axis 1, the gate on axis {channel_dim}"
-        if op.name == "group_norm" and op.module is not None and not op.module.affine:
-            return False, f"'{_place(node)}' ({label}) has no affine parameters"
-        return True, ""
-    if op.name == "linear":
-        return (channel_dim == rank - 1,
-                f"'{_place(node)}' ({label}) outputs features on the last axis, the gate is on axis {channel_dim}")
-    if op.name == "layer_norm":
-        module = op.module
-        if module is not None and not module.elementwise_affine:
-            return False, f"'{_place(node)}' ({label}) has no affine parameters"
-        return (channel_dim == rank - 1,
-                f"'{_place(node)}' ({label}) normalizes the last axis, the gate is on axis {channel_dim}")
-    return False, f"'{_place(node)}' ({label}) cannot absorb a scale"
-
-
-def _place(node: fx.Node) -> str:
-    """A node as a human finds it in the model: its module path, else its fx name."""
-    if node.op == "call_module":
-        return str(node.target)
-    path = module_path_of(node)
-    return f"{path}:{node.name}" if path else node.name
-
-
-def _label(op: Op) -> str:
-    return type(op.module).__name__ if op.module is not None else op.name
-
-
-def _why_not(node: fx.Node, op: Op) -> str:
-    where = _place(node)
-    if node.op == "placeholder":
-        return f"x is the graph input '{node.name}'"
-    if op.name in ("add", "sub"):
-        return f"x is a sum ('{where}', e.g. a residual); fold into consumers instead"
-    if op.name in ("cat", "stack"):
-        return f"x is a {op.name} of branches ('{where}'); fold into the branches or consumers instead"
-    return (f"x comes out of {_label(op)} '{where}', which does not commute with a "
-            "per-channel scale; fold into consumers instead")
+def _gate_axes(use: GateUse, channel_dim: int) -> tuple[int, int]:
+    """The axes of x the gate runs along: the channel axis, or adjacent axes (split attention)."""
+    xs, gs = node_shape(use.x), node_shape(use.gate)
+    if xs is None or gs is None:
+        return channel_dim, channel_dim
+    full = (1,) * (len(xs) - len(gs)) + tuple(gs)
+    axes = [d for d in range(1, len(xs)) if full[d] != 1 and full[d] == xs[d]]
+    if axes and axes == list(range(axes[0], axes[-1] + 1)) and channel_dim in axes:
+        return axes[0], axes[-1]
+    return channel_dim, channel_dim
