@@ -466,6 +466,10 @@ _AUDIO = StemNetSpec(1, True, ("pad:zero",), 8, (StageSpec(16, 1, "bn", "relu", 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stem_specs(), st.integers(1, 3), st.integers(3, 7))
 @example(_AUDIO, 2, 5)  # [N, T, F] -> transpose -> pad -> Conv1d -> BN -> ReLU -> 1-d SE
+@example(StemNetSpec(2, False, ("leaf", "pad:reflection"), 8, (StageSpec(8, 1, "bn", "relu", "se", 0, True),), 0),
+         1, 3)  # x + x * g after the SE is a gated map, not an attention-like gate
+@example(StemNetSpec(3, True, ("crop_leaf", "user_fn"), 8, (StageSpec(8, 2, "gn", "silu", "eca", 0, False),), 0),
+         1, 3)  # channels-last 3-d input, opaque crop, user function, ECA on a 1x1x1 map
 def test_stems_never_hide_attention(spec, batch, size):
     """Sites == inserted attention modules whatever the stem; decoys give none; no layout is lost
     and no attention-like pattern is left undecided."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -477,7 +477,9 @@ class _Chain(nn.Module):
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.lists(st.sampled_from(sorted(_SCRAMBLERS)), max_size=4), st.integers(1, 3),
-       st.integers(2, 6), st.integers(1, 4))
+       st.integers(1, 6), st.integers(1, 4))
+@example(1, ["crop", "crop", "crop", "crop"], 1, 1, 1)  # crops to one pixel: still S, not a broadcast 1
+@example(2, ["unknown"], 1, 1, 3)  # an unknown op on a batch of one: B again after the conv
 def test_any_chain_of_ops_then_a_conv_is_a_feature_map(dims, ops, batch, size, cin):
     lay = _layouts(_Chain(dims, ops, cin), torch.randn(batch, cin, *([size + 4] * dims)))  # 4 crops at most
     assert lay["conv"] == ("B", "C") + ("S",) * dims

@@ -15,10 +15,13 @@ G     a fixed grid produced by adaptive pooling (SPA's 2x2, 4x4): not input-size
 A merged axis (``flatten`` of C and S) carries both letters, e.g. ``"CS"``.
 Only reductions, reshapes to size 1 and parameters create ``1`` tags: a spatial
 axis that is 1 pixel wide in the example is still ``S``.
-Tags start at the inputs (``N, C, *spatial``) and at layers that define a layout
-(conv: ``B C S..``; linear: last axis is C), and follow sizes through reshapes,
-permutes, reductions, pools and contractions. Sizes alone cannot do this: with a
-tiny example input a 7x7 map is 1x1, yet it is still spatial.
+Tags start at the inputs (the layout their first layer reads: ``[N, T, F]`` transposed
+before a Conv1d is ``B S C``; ``N, C, *spatial`` when no layer says) and at layers whose
+semantics fix the axes (conv ``B C S..``, linear ``B S.. C``, norms, pooling: see the
+roles below), which re-anchor the layout after any op the pass cannot follow; tags follow
+sizes through reshapes, permutes, reductions, pools and contractions. Padding, cropping
+and narrow keep every axis. Sizes alone cannot do this: with a tiny example input a 7x7
+map is 1x1, yet it is still spatial.
 """
 
 from __future__ import annotations
@@ -335,7 +338,7 @@ class _Propagator:
     # -- the rules -----------------------------------------------------------------
     def _layout(self, node: fx.Node, op: Op):
         if node.op == "output":  # what the graph returns: the layouts of those values
-            return fx.node.mapargument(node.args[0], self.layouts.get)
+            return fx.node.map_arg(node.args[0], self.layouts.get)
         shapes = node_shapes(node)
         if shapes is not None:  # tuple-valued: split, chunk, max(dim), var_mean ...
             return self._tuple_layout(node, op, shapes)
