@@ -22,10 +22,10 @@ import asrfx
 
 try:
     from tests import zoo
-    from tests.helpers import randomize
+    from tests.helpers import examples, randomize
 except ImportError:  # tests/ is not a package when pytest puts it on sys.path
     import zoo
-    from helpers import randomize
+    from helpers import examples, randomize
 
 ATTENTION = {
     "se": [zoo.SELayer, zoo.SEInplace, zoo.SEConv],
@@ -463,7 +463,7 @@ def _stem_input(spec: StemNetSpec, batch: int, size: int) -> torch.Tensor:
 _AUDIO = StemNetSpec(1, True, ("pad:zero",), 8, (StageSpec(16, 1, "bn", "relu", "se", 0, False),), 0)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stem_specs(), st.integers(1, 3), st.integers(3, 7))
 @example(_AUDIO, 2, 5)  # [N, T, F] -> transpose -> pad -> Conv1d -> BN -> ReLU -> 1-d SE
 @example(StemNetSpec(2, False, ("leaf", "pad:reflection"), 8, (StageSpec(8, 1, "bn", "relu", "se", 0, True),), 0),

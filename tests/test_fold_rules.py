@@ -338,3 +338,28 @@ def test_asr_composes_with_structural_reparameterization(kind):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in single.modules())
     with torch.no_grad():
         torch.testing.assert_close(single(x), gm(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_kept_gate_is_never_called_the_plain_backbone():
+    """A shift after GELU read by a padded conv cannot fold: the verdict says so, with the reason."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GELU())
+            self.fc = nn.Conv2d(6, 6, 1)
+            self.head = nn.Conv2d(6, 2, 3, padding=1)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return self.head(x + self.fc(x.mean((2, 3), keepdim=True)))
+
+    model = Block()
+    _, fused, report = _fused(model, torch.randn(2, 3, 5, 5))
+    (fold,) = report.kept
+    assert "pads its input" in fold.reason
+    backbone = _params(model) - _params(model.fc)
+    assert _params(fused) == backbone  # the constant is a buffer: parameter counts alone would say "plain"
+    verdict = report.verdict(_params(fused), backbone)
+    assert verdict.startswith("not the plain backbone") and "1 gate(s) kept" in verdict and "pads" in verdict
+    assert report.verdict(_params(fused) + 1, backbone).count("parameters") == 1

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from asrfx.graph.layout import has_spatial, infer_layouts, merge_tags, reshape_tags, unknown_origins
 from asrfx.graph.capture import propagate_shapes, trace
+from helpers import examples
 
 
 def _traced(module: nn.Module, *inputs, leaves=()):
@@ -475,7 +476,7 @@ class _Chain(nn.Module):
         return self.conv(x)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.integers(1, 3), st.lists(st.sampled_from(sorted(_SCRAMBLERS)), max_size=4), st.integers(1, 3),
        st.integers(1, 6), st.integers(1, 4))
 @example(1, ["crop", "crop", "crop", "crop"], 1, 1, 1)  # crops to one pixel: still S, not a broadcast 1

@@ -23,10 +23,7 @@ from torch import fx, nn
 import asrfx
 from asrfx import AsrfxWarning, Verdict
 
-try:
-    from tests.helpers import randomize
-except ImportError:  # tests/ is not a package when pytest puts it on sys.path
-    from helpers import randomize
+from helpers import examples, randomize
 
 
 @fx.wrap
@@ -190,7 +187,7 @@ def test_sums_of_gated_maps_are_not_attention_like():
 # -- property: every SE is a site or an undecided rejection, never silent --------------------
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(["none", "lost_layout", "opaque_gate", "einsum"]), min_size=1, max_size=4),
        st.integers(1, 3), st.sampled_from([2, 4, 6]), st.integers(0, 2**16))
 @example(["lost_layout", "none"], 1, 2, 0)  # batch 1, 2x2 maps

@@ -21,10 +21,7 @@ from torch import nn
 
 import asrfx
 
-try:
-    from tests.helpers import randomize
-except ImportError:  # tests/ is not a package when pytest puts it on sys.path
-    from helpers import randomize
+from helpers import randomize
 
 
 class SqueezeExcite(nn.Module):

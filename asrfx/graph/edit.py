@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .ops import is_shape_query, op_of
+from .ops import op_of
 
 __all__ = [
     "rewire_inplace",
@@ -21,7 +21,6 @@ __all__ = [
     "set_module",
     "shape_constants",
     "copy_meta",
-    "ancestors",
 ]
 
 
@@ -171,18 +170,6 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
             elif isinstance(index, slice) and (index.start or 0) >= 0 and index.step in (None, 1):
                 tuples[node] = (tensor, offset + (index.start or 0))
     return found
-
-
-def ancestors(node: fx.Node) -> Iterator[fx.Node]:
-    """``node``, then every node it is computed from, each once (depth first)."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        yield n
-        stack.extend(n.all_input_nodes)
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:

@@ -31,9 +31,9 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
+from .dataflow import input_dependence
 from .ops import (
-    BROADCASTS, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, argument, data_inputs, is_shape_query,
-    module_op, node_shape, node_shapes, op_of,
+    BROADCASTS, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, argument, module_op, node_shape, node_shapes, op_of,
 )
 
 __all__ = ["Layout", "infer_layouts", "has_spatial", "is_channel", "is_unknown", "merge_tags", "reshape_tags",
@@ -307,14 +307,11 @@ class _Propagator:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.layouts: dict[fx.Node, Layout | tuple[Layout | None, ...] | None] = {}
-        self.data: dict[fx.Node, bool] = {}  # depends on a graph input's values (not only its shape)
+        self.data = input_dependence(gm)  # depends on a graph input's values (not only its shape)
 
     def run(self) -> dict[fx.Node, Layout | tuple | None]:
         for node in self.gm.graph.nodes:
-            op = op_of(node, self.modules)
-            self.data[node] = node.op == "placeholder" or (
-                not is_shape_query(node, op) and any(self.data.get(i, False) for i in data_inputs(node, op)))
-            self.layouts[node] = self._layout(node, op)
+            self.layouts[node] = self._layout(node, op_of(node, self.modules))
         return self.layouts
 
     # -- helpers -----------------------------------------------------------------

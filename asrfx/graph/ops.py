@@ -39,6 +39,7 @@ __all__ = [
     "is_shape_query",
     "argument",
     "broadcast_source",
+    "module_path_of",
 ]
 
 
@@ -298,3 +299,26 @@ def _repeat_broadcasts(node: fx.Node) -> bool:
         return False
     padded = (1,) * max(len(reps) - len(shape), 0) + tuple(shape)
     return all(size == 1 for size, rep in zip(padded[-len(reps):], reps) if not (isinstance(rep, int) and rep == 1))
+
+
+def module_path_of(node: fx.Node) -> str | None:
+    """The innermost module (of the original model) whose forward created ``node``."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        key, value = next(reversed(stack.items()))
+        return _dotted(value[0] if isinstance(value, tuple) else key)
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    return None
+
+
+def _dotted(path: str) -> str:
+    """Dynamo writes module paths as source code: ``getattr(L['self'].features, '1').fc1`` or
+    ``L['self'].layer1[0]`` -> ``features.1.fc1``, ``layer1.0``. Other paths pass through."""
+    if "L['self']" not in path:
+        return path
+    path = path.replace("getattr(", "")
+    path = re.sub(r", '([^']*)'\)", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    return path.replace("L['self']", "").lstrip(".")

@@ -33,15 +33,13 @@ from torch import fx, nn
 
 from .detect import pool_branch
 from ..errors import AsrfxError
-from ..graph.edit import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
-from ..nn.gated_norm import GatedBatchNorm
-from ..graph.ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
-from ..graph.layers import LayerIndex
-from .absorb import plan_producer, static_sign
+from ..graph.edit import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
+from ..graph.ops import is_shape_query, node_shape, node_shapes, op_of
+from .contract import Role, mark, psi_names
 from .site import AttentionSite, Combine
 
 __all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "CalibratedPsi", "convert_sites", "why_not_convertible",
-           "move_gates_into_batchnorm", "pooled_statistics", "psi_names"]
+           "pooled_statistics"]
 
 # psi_init: a constant, a tensor broadcastable to psi's shape, fn(site, shape) -> tensor, or
 # "calibrate" (api.convert measures the means of the pooled statistics on data: CalibratedPsi).
@@ -58,7 +56,6 @@ class CalibratedPsi:
     batches: int  # batches read
 
 
-ASR_META = "asrfx"  # node.meta key: {"role": "psi" | "gate", "site": module path}
 
 
 @dataclass(frozen=True)
@@ -117,34 +114,6 @@ def _owner(gm: fx.GraphModule, path: str) -> nn.Module:
     return gm.get_submodule(path) if path else gm
 
 
-def _pool_label(pool: fx.Node, modules) -> str:
-    name = op_of(pool, modules).name
-    return {"mean": "avg", "sum": "avg", "adaptive_avg_pool": "avg", "avg_pool": "avg",
-            "amax": "max", "max": "max", "adaptive_max_pool": "max", "max_pool": "max",
-            "std": "std", "var": "var", "matmul": "context", "bmm": "context", "einsum": "context",
-            "norm": "norm", "vector_norm": "norm"}.get(name, name)
-
-
-def _grid_side(pool: fx.Node) -> int:
-    shape = node_shape(pool) or ()
-    cells = 1
-    for s in shape[2:]:
-        cells *= s
-    return int(round(cells ** 0.5))
-
-
-def psi_names(site: AttentionSite, modules) -> list[str]:
-    """psi, or psi_<statistic> per pool: psi_avg/psi_max (CBAM), psi_avg/psi_std (SRM),
-    psi_avg1/psi_avg2/psi_avg4 (SPA's pyramid)."""
-    if len(site.pools) == 1:
-        return ["psi"]
-    labels = [_pool_label(p, modules) for p in site.pools]
-    if len({_grid_side(p) for p in site.pools}) > 1:
-        labels = [f"{lab}{_grid_side(p)}" for lab, p in zip(labels, site.pools)]
-    return [f"psi_{lab}" if labels.count(lab) == 1 else f"psi_{lab}_{labels[:i].count(lab)}"
-            for i, lab in enumerate(labels)]
-
-
 def _psi_value(psi_init: PsiInit | CalibratedPsi, site: AttentionSite, shape: tuple[int, ...],
                like: torch.Tensor | None, stat: fx.Node):
     """The initial value of the psi that replaces ``stat`` (a pooled statistic of ``site``)."""
@@ -188,7 +157,7 @@ def _new_psi(gm, owner_path, name, value, site, stat) -> tuple[str, fx.Node]:
     qualified = f"{owner_path}.{attr}" if owner_path else attr
     with gm.graph.inserting_before(stat):
         node = gm.graph.get_attr(qualified)
-    node.meta[ASR_META] = {"role": "psi", "site": site.module_path}
+    mark(node, Role.PSI, site.module_path)
     return qualified, node
 
 
@@ -276,7 +245,7 @@ def _replace(gm, site, psi_init, constants, modules, flows, applications) -> Con
     _constant_shapes(ordered, constants)
     frozen = _freeze_norms(gm, ordered, modules)
     for use in site.uses:
-        use.gate.meta[ASR_META] = {"role": "gate", "site": site.module_path}
+        mark(use.gate, Role.GATE, site.module_path)
         applications.append((site.module_path, use.x, use.gate, use.combine))
     return ConvertedSite(site.module_path, site.kind.value, "replace", tuple(created), tuple(frozen), None)
 
@@ -336,7 +305,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
                 _owner(gm, owner_path).register_parameter(attr, nn.Parameter(value))
                 qualified = f"{owner_path}.{attr}" if owner_path else attr
                 env[stat] = graph.get_attr(qualified)
-                env[stat].meta[ASR_META] = {"role": "psi", "site": site.module_path}
+                mark(env[stat], Role.PSI, site.module_path)
                 created.append(qualified)
         for node in closure:
             if node in constants:
@@ -351,7 +320,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
             gated[use.x] = graph.call_function(fn, (use.x, env[use.operand]))
             copy_meta(use.combine, gated[use.x])
             applications.append((site.module_path, use.x, env[use.gate], gated[use.x]))
-            env[use.gate].meta[ASR_META] = {"role": "gate", "site": site.module_path}
+            mark(env[use.gate], Role.GATE, site.module_path)
     # the original attention now sees the ASR-gated x
     internal = set(site.pools) | set(site.excitation) | {u.combine for u in site.uses}
     internal |= pool_branch(site.uses, frozenset(site.pools))
@@ -388,88 +357,3 @@ def convert_sites(
         rewrite = _keep if keep else _replace
         report.sites.append(rewrite(gm, site, psi_init, constants, modules, flows, report.applications))
     return finish(gm), report
-
-
-def move_gates_into_batchnorm(gm: fx.GraphModule, report: ConvertReport) -> fx.GraphModule:
-    """Training fast path: ``BN(y) * v`` with v from psi becomes ``GatedBatchNorm(y, v)``.
-
-    Applies where the gate's producer plan (:mod:`asrfx.passes.absorb`, the rule table fuse
-    reads too) ends only in torch BatchNorm modules: through ReLU for a non-negative gate,
-    dropout, pooling, reshapes, into every branch of a sum, into each part of a concatenation.
-    Each BatchNorm then applies its part of the gate inside its affine (paper eq. 7, while
-    training): no extra pass over the feature map.
-    """
-    modules = LayerIndex(gm)
-    gated_at: dict[str, str] = {}
-    for site_path, x, gate, combine in report.applications:
-        if getattr(combine, "_erased", False) or getattr(x, "_erased", False):
-            continue  # erased by an earlier rewrite
-        hit = _gate_into_bn(gm, combine, x, gate, modules)
-        if hit:
-            gated_at[site_path] = hit
-    report.sites = [
-        ConvertedSite(s.module_path, s.kind, s.mode, s.psi, s.frozen_norms, gated_at.get(s.module_path))
-        for s in report.sites
-    ]
-    return finish(gm)
-
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules: LayerIndex) -> str | None:
-    """Rewrite ``BN(y) [-> ops the gate commutes with] * v`` as ``GatedBatchNorm(y, v) [-> ...]``."""
-    if op_of(combine, modules).name != "mul":
-        return None
-    gate_shape, x_shape = node_shape(gate), node_shape(x)
-    if gate_shape is None or x_shape is None or node_shape(combine) != x_shape:
-        return None
-    if len(gate_shape) != len(x_shape) or gate_shape[0] != 1 or any(s != 1 for s in gate_shape[2:]) \
-            or gate_shape[1] != x_shape[1]:
-        return None
-    plan = plan_producer(x, combine, 1, "mul", static_sign(gate, modules), modules)
-    if not plan.ok or any(t.kind != "batch_norm" or t.node.op != "call_module"
-                          or type(modules.get(str(t.node.target))) not in _BATCH_NORMS
-                          or not modules[str(t.node.target)].affine for t in plan.targets):
-        return None
-    if not _hoist_before(gate, min(t.node for t in plan.targets)):
-        return None
-    vector = _graph_vector(gm, gate, min(t.node for t in plan.targets))
-    paths, new_of = [], {}
-    for t in plan.targets:
-        path = str(t.node.target)
-        set_module(gm, path, GatedBatchNorm(modules[path]))
-        with gm.graph.inserting_before(t.node):
-            part = vector
-            if (t.span.start, t.span.stop, t.span.offset) != (0, t.width, 0):  # one branch's share of the gate
-                part = gm.graph.call_function(operator.getitem, (vector, slice(t.span.start, t.span.stop)))
-                before, after = t.span.offset, t.width - t.span.offset - (t.span.stop - t.span.start)
-                part = gm.graph.call_function(F.pad, (part, (before, after)), {"value": 1.0})
-            new = gm.graph.call_module(path, (t.node.args[0], part))
-        copy_meta(t.node, new)
-        t.node.replace_all_uses_with(new)
-        gm.graph.erase_node(t.node)
-        new_of[t.node] = new
-        paths.append(path)
-    combine.replace_all_uses_with(new_of.get(x, x))  # x now carries the gate
-    gm.graph.erase_node(combine)
-    return ", ".join(paths)
-
-
-def _graph_vector(gm: fx.GraphModule, gate: fx.Node, anchor: fx.Node) -> fx.Node:
-    """The gate as a flat vector, computed before ``anchor``."""
-    with gm.graph.inserting_before(anchor):
-        vector = gm.graph.call_method("reshape", (gate, -1))
-    vector.meta[ASR_META] = {"role": "gate_vector", "site": (gate.meta.get(ASR_META) or {}).get("site", "")}
-    return vector
-
-
-def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:
-    """Move the gate's parameter-only subgraph in front of ``anchor``; False if it reads data."""
-    subgraph = set(ancestors(gate))
-    if any(n.op == "placeholder" for n in subgraph):
-        return False
-    for node in sorted(subgraph):  # fx nodes compare by their place in the graph
-        if node > anchor:
-            anchor.prepend(node)
-    return True

@@ -20,7 +20,6 @@ with their reason.
 
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from ..graph.ops import (
     is_shape_query, node_shape, op_of,
 )
 from ..graph.layers import LayerIndex
+from ..graph.ops import module_path_of  # noqa: F401 (re-exported: detect.module_path_of)
 from .absorb import label_of, plan_consumers, plan_producer, static_sign
 from .site import Absorption, AttentionSite, Combine, GateUse, LayoutLoss, Rejection, SiteKind, Verdict
 
@@ -66,29 +66,6 @@ _LEARNED_FUNCTIONS = frozenset(
      "addmm", "baddbmm", "addcmul"}
 )
 _LEARNED_MODULES = frozenset({"linear", "conv", "conv_transpose", "bilinear", "module"})
-
-
-def module_path_of(node: fx.Node) -> str | None:
-    """The innermost module (of the original model) whose forward created ``node``."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        key, value = next(reversed(stack.items()))
-        return _dotted(value[0] if isinstance(value, tuple) else key)
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target)
-    return None
-
-
-def _dotted(path: str) -> str:
-    """Dynamo writes module paths as source code: ``getattr(L['self'].features, '1').fc1`` or
-    ``L['self'].layer1[0]`` -> ``features.1.fc1``, ``layer1.0``. Other paths pass through."""
-    if "L['self']" not in path:
-        return path
-    path = path.replace("getattr(", "")
-    path = re.sub(r", '([^']*)'\)", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    return path.replace("L['self']", "").lstrip(".")
 
 
 def _common_path(paths: list[str]) -> str:

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .convert import ASR_META
-from .detect import module_path_of
 from ..errors import AsrfxError
 from ..algebra.fold import (
     embed,
@@ -40,14 +38,15 @@ from ..algebra.fold import (
     scale_along,
     shift_along,
 )
-from ..graph.edit import ancestors, finish, rewire_inplace
+from ..graph.dataflow import ancestors
+from ..graph.edit import finish, rewire_inplace
 from ..graph.layers import LayerIndex, layer_of, set_parameter
 from .absorb import Plan, plan_consumers, plan_producer, value_sign
 from ..nn.gated_norm import GatedBatchNorm
-from ..graph.ops import SHAPE_ONLY_OPERAND, broadcast_source, data_readers, is_shape_query, node_shape, op_of
-from ..graph.capture import as_input_tuple, propagate_shapes
+from ..graph.ops import is_shape_query, module_path_of, node_shape, op_of
+from .contract import ConstantGate, constant_gates, role_of, site_of
 
-__all__ = ["Fold", "FuseReport", "fuse_graph", "constant_gates", "ConstantEvaluator", "drop_unused_attributes"]
+__all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,18 @@ class FuseReport:
     def kept(self) -> list[Fold]:
         return [f for f in self.folds if f.where == "kept"]
 
+    def verdict(self, parameters: int, backbone: int | None) -> str:
+        """Whether the deployed model is the plain backbone: equal parameter counts and no gate op
+        left (fuse checks that nothing but the kept gates remains); otherwise what differs."""
+        same = backbone is None or parameters == backbone
+        if same and not self.kept:
+            return "the plain backbone: " + ("equal parameters, " if backbone is not None else "") + "no gate op left"
+        parts = [] if same else [f"{parameters:,} parameters, the backbone has {backbone:,}"]
+        if self.kept:
+            parts.append(f"{len(self.kept)} gate(s) kept as a constant multiply (first: {self.kept[0].site or '(top level)'}: "
+                         f"{self.kept[0].reason})")
+        return "not the plain backbone: " + "; ".join(parts)
+
     def __str__(self) -> str:
         folded = len(self.folds) - len(self.kept)
         lines = [f"asrfx.fuse: {folded} gate(s) folded, {len(self.kept)} kept"]
@@ -81,38 +92,6 @@ class FuseReport:
 
 
 # -- constants ------------------------------------------------------------------------------
-
-
-def _input_dependence(gm: fx.GraphModule) -> dict[fx.Node, bool]:
-    """For every node, whether its value depends on a graph input (one pass in graph order).
-
-    Shape reads (x.size(), x.shape, y.expand_as(x)'s x) do not count: they carry no data.
-    """
-    reads: dict[fx.Node, bool] = {}
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            reads[n] = True
-            continue
-        op = op_of(n, {})
-        if is_shape_query(n, op):
-            reads[n] = False
-            continue
-        ins = n.all_input_nodes
-        if op.name in SHAPE_ONLY_OPERAND and n.args:
-            ins = [n.args[0]] if isinstance(n.args[0], fx.Node) else []
-        reads[n] = any(reads.get(i, False) for i in ins)
-    return reads
-
-
-def _computed(node: fx.Node) -> bool:
-    """A constant computed from parameters (an ASR gate), not a stored one (layer scale)."""
-    if node.meta.get(ASR_META, {}).get("role") == "gate":
-        return True
-    return any(n.op == "call_module" or op_of(n, {}).name in _COMPUTING for n in ancestors(node))
-
-
-_COMPUTING = frozenset({"linear", "conv", "sigmoid", "hardsigmoid", "softmax", "relu", "matmul", "mm", "addmm",
-                        "einsum", "tanh", "silu"})  # ops that make a constant "computed", not stored
 
 
 class ConstantEvaluator(fx.Interpreter):
@@ -164,34 +143,6 @@ class ConstantEvaluator(fx.Interpreter):
         if n.op == "call_method" and n.target == "numel":
             return size.numel()
         return size
-
-
-@dataclass(frozen=True)
-class _Gate:
-    combine: fx.Node  # the mul/add node
-    x: fx.Node  # the data operand
-    operand: fx.Node  # the constant operand as the combine reads it (maybe g.expand_as(x))
-    gate: fx.Node  # the constant before broadcasting: what is evaluated and folded
-    op: str  # "mul" or "add"
-
-
-def constant_gates(gm: fx.GraphModule) -> list[_Gate]:
-    """Pattern: mul/add of a data tensor and a computed per-channel constant."""
-    modules = dict(gm.named_modules())
-    reads = _input_dependence(gm)
-    found = []
-    for node in gm.graph.nodes:
-        name = op_of(node, modules).name
-        if name not in ("mul", "add") or len(node.args) < 2:
-            continue
-        a, b = node.args[0], node.args[1]
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-            continue
-        for x, g in ((a, b), (b, a)):
-            if reads[x] and not reads[g] and _computed(g):
-                found.append(_Gate(node, x, g, broadcast_source(g, modules), name))
-                break
-    return found
 
 
 # -- folding into layers ------------------------------------------------------------------------
@@ -265,7 +216,7 @@ def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
     return (gm.get_submodule(path) if path else gm), attr
 
 
-def _plans(g: _Gate, v: torch.Tensor, axes: tuple[int, int], modules: LayerIndex) -> tuple[Plan, Plan | None]:
+def _plans(g: ConstantGate, v: torch.Tensor, axes: tuple[int, int], modules: LayerIndex) -> tuple[Plan, Plan | None]:
     """The producer plan, and the consumers plan when the producer cannot take the gate."""
     sign = value_sign(v)
     producer = plan_producer(g.x, g.combine, axes, g.op, sign, modules)
@@ -277,9 +228,8 @@ def _plans(g: _Gate, v: torch.Tensor, axes: tuple[int, int], modules: LayerIndex
 # -- the pass --------------------------------------------------------------------------------------
 
 
-def _site_of(g: _Gate) -> str:
-    meta = g.gate.meta.get(ASR_META) or {}
-    return meta.get("site") or module_path_of(g.combine) or ""
+def _site_of(g: ConstantGate) -> str:
+    return site_of(g.gate) or module_path_of(g.combine) or ""
 
 
 def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, report: FuseReport) -> None:
@@ -306,15 +256,15 @@ def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, rep
         path = str(node.target)
         parent, _, attr = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, bn)
-        vector = next(n for n in ancestors(node.args[1]) if (n.meta.get(ASR_META) or {}).get("role") or n.op != "call_function")
-        site = (vector.meta.get(ASR_META) or {}).get("site") or path
+        vector = next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")
+        site = site_of(vector) or path
         gates.setdefault(vector, (site, []))[1].append(path)
         node.args = (node.args[0],)
     for site, paths in gates.values():
         report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
 
 
-def _keep_constant(gm: fx.GraphModule, g: _Gate, value: torch.Tensor) -> None:
+def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> None:
     """The gate stays as one stored constant (a buffer); its psi branch goes away."""
     name, i = "asr_gate", 0
     while hasattr(gm, f"{name}_{i}"):
