@@ -105,7 +105,7 @@ def test_gate_through_an_op_asrfx_does_not_read():
     sites, warned = _find(Chain(["opaque_gate"]), 2, 3, 4, 4)
     (rej,) = sites.rejections
     assert rej.verdict is Verdict.UNDECIDED
-    assert "reads the feature map through 'blocks.0:same_dtype'" in rej.reason
+    assert "reads the feature map through 'blocks.0:same_dtype' (function), which asrfx does not read" in rej.reason
     assert not sites.layout_losses and len(warned) == 1
 
 
@@ -201,3 +201,27 @@ def test_every_se_is_a_site_or_an_undecided_rejection(blinds, batch, size, seed)
     assert all(r.verdict is Verdict.UNDECIDED for r in sites.rejections)
     assert bool(warned) == bool(want_rejected)
     assert bool(sites.layout_losses) == ("lost_layout" in blinds)
+
+
+class BAM(nn.Module):
+    """pytorchcv's BAM: x * (1 + sigmoid(channel gate * spatial map)): the outer gate varies with
+    position through a learned conv, a definite verdict, not a possible miss."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 1)
+        self.ch = nn.Sequential(nn.Linear(c, c // 2), nn.ReLU(), nn.Linear(c // 2, c))
+        self.sp = nn.Sequential(nn.Conv2d(c, 2, 1), nn.ReLU(), nn.Conv2d(2, 1, 1))
+
+    def forward(self, x):
+        x = self.conv(x)
+        ch = self.ch(x.mean((2, 3))).unsqueeze(2).unsqueeze(3).expand_as(x)
+        return x * (1 + torch.sigmoid(ch * self.sp(x).expand_as(x)))
+
+
+def test_a_gate_that_also_varies_with_position_is_not_channel_attention():
+    sites, warned = _find(BAM(), 2, 3, 5, 5)
+    outer = [r for r in sites.rejections if r.combine.name == "mul_1"]
+    assert [r.verdict for r in outer] == [Verdict.NOT_CHANNEL], str(sites)
+    assert "varies with position" in outer[0].reason and "'sp.0'" in outer[0].reason
+    assert not [w for w in warned if "look like channel attention" in w]

@@ -408,9 +408,9 @@ def _refuse(node: fx.Node, op: Op, refusals: list[_Refusal], flows, layouts, mod
     if op.name in _OTHER_COMBINES:
         reason = (f"the gate '{_place(pattern.activation)}' meets the feature map through {op.name}, not a "
                   "multiply or an add: asrfx converts x * g and x + g only; write it as one to have it converted")
-    else:
-        reason = _why_missed(pattern, flows, layouts, modules, origins, order)
-    return Rejection(node, where, reason, Verdict.UNDECIDED)
+        return Rejection(node, where, reason, Verdict.UNDECIDED)
+    reason, verdict = _why_missed(pattern, flows, layouts, modules, origins, order)
+    return Rejection(node, where, reason, verdict)
 
 
 def _place(node: fx.Node) -> str:
@@ -427,12 +427,13 @@ def _tags(layout) -> str:
     return "(" + ", ".join(layout) + ")" if isinstance(layout, tuple) else "(none)"
 
 
-def _why_missed(p: _Pattern, flows, layouts, modules, origins, order) -> str:
-    """Why the dataflow did not read an attention-like pattern as a pooled gate."""
+def _why_missed(p: _Pattern, flows, layouts, modules, origins, order) -> tuple[str, Verdict]:
+    """Why the dataflow did not read an attention-like pattern as a pooled gate, and whether
+    that is a definite verdict (the gate also varies with position) or asrfx could not tell."""
     if not flows.get(p.x, CONST).spatial:
         pools = ", ".join(sorted(f"'{_place(n)}'" for n in flows[p.x].pools))
         return (f"'{_place(p.x)}' depends on the input only through global reductions ({pools}), so it does "
-                "not read as a feature map")
+                "not read as a feature map"), Verdict.UNDECIDED
     pool_op = _label(op_of(p.pool, modules))
     if flows.get(p.pool, CONST).spatial:  # the pooling was not read as a global reduction
         src = p.pool.args[0]
@@ -441,14 +442,18 @@ def _why_missed(p: _Pattern, flows, layouts, modules, origins, order) -> str:
             lost = origins.get(src, src)
             return (f"'{_place(p.pool)}' ({pool_op}) pools a tensor whose axes asrfx cannot tell apart "
                     f"{_tags(lay)}, the layout being unknown from '{_place(lost)}' "
-                    f"({_label(op_of(lost, modules))}) on: it is not read as a global pooling")
+                    f"({_label(op_of(lost, modules))}) on: it is not read as a global pooling"), Verdict.UNDECIDED
         return (f"'{_place(p.pool)}' ({pool_op}) reduces a tensor tagged {_tags(lay)} to {_tags(layouts.get(p.pool))}: "
-                "by the layout no spatial axis is pooled, so it is not read as a global pooling")
-    entry = next((n for n in sorted(p.nodes, key=order.get) if flows.get(n, CONST).spatial), None)
-    if entry is not None:
-        return (f"the gate also reads the feature map through '{_place(entry)}' ({_label(op_of(entry, modules))}), "
-                "which asrfx does not read as a global statistic")
-    return "the gate does not depend on the input through global reductions alone"
+                "by the layout no spatial axis is pooled, so it is not read as a global pooling"), Verdict.UNDECIDED
+    spatial = [n for n in sorted(p.nodes, key=order.get) if flows.get(n, CONST).spatial]
+    opaque = [n for n in spatial if op_of(n, modules).name in ("function", "module")]
+    if opaque:
+        return (f"the gate also reads the feature map through '{_place(opaque[0])}' "
+                f"({_label(op_of(opaque[0], modules))}), which asrfx does not read"), Verdict.UNDECIDED
+    if spatial:  # a gate computed per position as well (BAM: channel gate times a spatial map)
+        return (f"the gate also varies with position: it reads the feature map through '{_place(spatial[0])}' "
+                f"({_label(op_of(spatial[0], modules))}) besides the global pooling"), Verdict.NOT_CHANNEL
+    return "the gate does not depend on the input through global reductions alone", Verdict.UNDECIDED
 
 
 def _layout_losses(gm: fx.GraphModule, origins, modules) -> list[LayoutLoss]:
