@@ -20,7 +20,7 @@ from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .graph.layout import infer_layouts
 from .graph.ops import node_shape
-from .passes.report import SiteTable
+from .passes.report import SiteTable, detection_notes
 from .passes.site import LeafRecord
 from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
 from .graph.capture import as_input_tuple, propagate_shapes, trace
@@ -52,13 +52,17 @@ def find_attention(
     model, _ = _unwrapped(model, "find_attention", rewrap=False)
     gm, leaves, _ = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
     found = detect(gm)
-    return SiteTable(
+    table = SiteTable(
         sites=tuple(found.sites),
         rejections=tuple(found.rejections),
         leaves=leaves,
         graph_module=gm,
         model_name=type(model).__name__,
+        layout_losses=tuple(found.layout_losses),
     )
+    for note in table.notes:
+        warnings.warn(note, AsrfxWarning, stacklevel=2)
+    return table
 
 
 def convert(
@@ -143,6 +147,10 @@ def convert(
     report.notes.extend(n for n in (wrapper_note,) if n)
     if mode_note:
         report.notes.append(mode_note)
+    found = state["found"]
+    for note in detection_notes(len(found.sites), found.rejections, found.layout_losses):
+        report.notes.append(note)
+        warnings.warn(note, AsrfxWarning, stacklevel=2)
     if calibrate and report.sites:
         report.notes.append(f"psi calibrated: the mean pooled statistics over {state['psi'].samples} samples "
                             f"({state['psi'].batches} batches)")
@@ -445,7 +453,9 @@ def _check_leaves(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord
         for name, child_inputs in _child_inputs(module, inputs, dict(children)).items():
             child = module.get_submodule(name)
             try:
-                found = find_attention(child, child_inputs)
+                with warnings.catch_warnings():  # a child traced alone: only its sites matter here
+                    warnings.simplefilter("ignore", AsrfxWarning)
+                    found = find_attention(child, child_inputs)
             except TracingError:
                 continue  # the child reports its own failures when it is traced alone
             if len(found):

@@ -38,6 +38,7 @@ def test_every_attention_block_is_found(entry):
     assert count_attention_modules(model, entry.attention_classes) == entry.expected_sites
     sites = asrfx.find_attention(model, torch.randn(*entry.input_shape))
     assert len(sites) == entry.expected_sites, sites.format()
+    assert not sites.layout_losses and not sites.rejections, sites.format()  # nothing lost, nothing undecided
     blocks = _attention_paths(model, entry.attention_classes)
     matched = {}
     for site in sites:
@@ -54,6 +55,8 @@ def test_plain_and_look_alike_models_have_no_sites(entry):
     """Plain nets, layer scale, GRN, FRN, EvoNorm, CondConv, coordinate attention, XCiT, ViT."""
     sites = asrfx.find_attention(entry.build(), torch.randn(*entry.input_shape))
     assert len(sites) == 0, sites.format()
+    assert not sites.layout_losses, sites.format()
+    assert not [r for r in sites.rejections if r.verdict is not asrfx.Verdict.NOT_ATTENTION], sites.format()
 
 
 def test_same_padding_ports_trace_with_leaves():
