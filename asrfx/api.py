@@ -21,7 +21,8 @@ from .graph.ops import node_shape
 from .passes.report import SiteTable
 from .passes.site import LeafRecord
 from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
-from .graph.capture import as_input_tuple, propagate_shapes, trace
+from .graph.capture import CaptureRoute, Traced, as_input_tuple, as_kwargs, propagate_shapes, trace
+from .graph.export_route import export_capture
 
 __all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe", "backbone"]
 
@@ -30,29 +31,35 @@ def find_attention(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> SiteTable:
     """Find every channel-attention block of ``model`` by graph structure.
 
     Args:
-        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule``.
+        model: an ``nn.Module`` or a ``torch.fx.GraphModule``. Captured with torch.fx, or, where
+            torch.fx cannot get through its forward (or a submodule it keeps whole holds
+            attention), with torch.export; the table says which (``table.capture``).
         example_inputs: a tensor or tuple of inputs; shapes come from them. May be
             omitted for a GraphModule whose nodes already carry shape metadata.
+        example_kwargs: keyword inputs: the model is called as
+            ``model(*example_inputs, **example_kwargs)``, whatever its signature and outputs.
         leaf_modules: module paths or classes to keep as single calls when tracing.
         concrete_args: passed to torch.fx for flags of the model's forward.
 
     Returns a :class:`SiteTable` (a sequence of :class:`AttentionSite`). The model
     is not modified.
     """
-    gm, leaves, _ = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
-    found = detect(gm)
+    traced = _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args)
+    found = detect(traced.gm)
     return SiteTable(
         sites=tuple(found.sites),
         rejections=tuple(found.rejections),
-        leaves=leaves,
-        graph_module=gm,
+        leaves=traced.leaves,
+        graph_module=traced.gm,
         model_name=type(model).__name__,
+        capture=traced.route,
     )
 
 
@@ -60,6 +67,7 @@ def convert(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     keep: bool = False,
     psi_init: PsiInit = 0.1,
     data: Iterable[Any] | None = None,
@@ -74,6 +82,8 @@ def convert(
     Args:
         model: an ``nn.Module`` or ``torch.fx.GraphModule``.
         example_inputs: a tensor or tuple of inputs giving the shapes.
+        example_kwargs: keyword inputs (``model(*example_inputs, **example_kwargs)``); the
+            GraphModule is called the same way and returns what the model returns.
         keep: False (default) replaces each pooled statistic by a learnable psi;
             True keeps the original attention and adds a psi-driven copy before it
             ("ASR(k) + k", paper Tables 4-5).
@@ -114,18 +124,19 @@ def convert(
         first, batches = peek(batches)
         example_inputs = first if example_inputs is None else example_inputs
     work = model if inplace else copy.deepcopy(model)
-    gm, _, mode_note = _traced_with_shapes(work, example_inputs, leaf_modules, concrete_args,
-                                           require_inputs=True)
-    inputs = as_input_tuple(example_inputs)
+    traced = _traced_with_shapes(work, example_inputs, example_kwargs, leaf_modules, concrete_args,
+                                 require_inputs=True)
+    gm, inputs, kwargs = traced.gm, as_input_tuple(example_inputs), as_kwargs(example_kwargs)
     steps = [
         ("layout", lambda g, st: st.update(layouts=infer_layouts(g))),
         ("detect", lambda g, st: st.update(found=detect(g, st["layouts"]))),
         # before the rewrite: the pooled statistics are measured in the original graph
-        ("calibrate", lambda g, st: st.update(psi=calibrated_psi(g, st["found"].sites, batches, also=(work,))
+        ("calibrate", lambda g, st: st.update(psi=calibrated_psi(g, st["found"].sites, batches, also=(work,),
+                                                                 kwargs=kwargs)
                                               if calibrate and st["found"].sites else psi_init)),
         ("rewrite", lambda g, st: st.update(report=convert_sites(
             g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=st["psi"])[1])),
-        ("shapes", lambda g, st: propagate_shapes(g, inputs)),
+        ("shapes", lambda g, st: propagate_shapes(g, inputs, kwargs)),
         ("gate_in_norm", lambda g, st: gate_in_norm and move_gates_into_batchnorm(g, st["report"])),
     ]
     state: dict[str, Any] = {}
@@ -133,8 +144,9 @@ def convert(
         step(gm, state)
     report: ConvertReport = state["report"]
     report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
-    if mode_note:
-        report.notes.append(mode_note)
+    report.capture = traced.route
+    if traced.mode_note:
+        report.notes.append(traced.mode_note)
     if calibrate and report.sites:
         report.notes.append(f"psi calibrated: the mean pooled statistics over {state['psi'].samples} samples "
                             f"({state['psi'].batches} batches)")
@@ -156,6 +168,7 @@ def stripe(
     data: Iterable[Any],
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     max_batches: int | None = None,
     keep_rows: int = 64,
     progress: bool = True,
@@ -169,6 +182,7 @@ def stripe(
         data: a DataLoader, or an iterable of input tensors or of (inputs, labels) pairs, or
             one tensor (a single batch). Streamed once: memory does not grow with its size.
         example_inputs: inputs giving the shapes; default: the first batch.
+        example_kwargs: keyword inputs passed with every batch (``model(*batch, **example_kwargs)``).
         max_batches: read at most this many batches.
         keep_rows: samples whose gates and pooled statistics are kept for heatmaps.
         progress: show a progress bar (when tqdm is installed).
@@ -184,7 +198,8 @@ def stripe(
     """
     batches = input_batches(data, max_batches)
     first, batches = peek(batches)
-    table = find_attention(model, first if example_inputs is None else example_inputs, leaf_modules=leaf_modules)
+    table = find_attention(model, first if example_inputs is None else example_inputs,
+                           example_kwargs=example_kwargs, leaf_modules=leaf_modules)
     probes = gate_probes(table.graph_module, table.sites)
     if not probes:
         why = f" ({len(table.rejections)} look-alike(s) refused: {table.rejections[0].reason})" \
@@ -192,7 +207,7 @@ def stripe(
         raise AsrfxError(f"no channel-attention site found in {table.model_name}{why}: there is no gate to "
                          "measure. print(asrfx.find_attention(model, example_inputs)) shows what was examined.")
     result = measure(table.graph_module, probes, batches, keep_rows=keep_rows, progress=progress,
-                     total=total_batches(data, max_batches), also=(model,))
+                     total=total_batches(data, max_batches), also=(model,), kwargs=as_kwargs(example_kwargs))
     return StripeStats(result.sites, table.model_name, result.samples, result.batches)
 
 
@@ -200,6 +215,7 @@ def fuse(
     gm: nn.Module | torch.export.ExportedProgram,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     inplace: bool = False,
     dynamic_shapes: Any = None,
 ) -> fx.GraphModule | torch.export.ExportedProgram:
@@ -207,7 +223,8 @@ def fuse(
 
     ``gm`` is the result of :func:`convert` after training, in eval mode (BatchNorm
     statistics and gates are folded as constants, as in ``torch.nn.utils.fusion``).
-    ``example_inputs`` are needed only if ``gm``'s nodes carry no shape metadata.
+    ``example_inputs`` (and ``example_kwargs``) are needed only if ``gm``'s nodes carry no
+    shape metadata. The result is called as ``gm`` is and returns what it returns.
     Returns a GraphModule with no psi, no excitation and no pooling of the attention
     blocks; :func:`report_of` lists every gate as folded (into which layers) or kept (why).
 
@@ -229,9 +246,9 @@ def fuse(
     work = gm if inplace else copy.deepcopy(gm)
     if not isinstance(work, fx.GraphModule):
         work = trace(work).gm
-    inputs = as_input_tuple(example_inputs)
-    if inputs:
-        propagate_shapes(work, inputs)
+    inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
+    if inputs or kwargs:
+        propagate_shapes(work, inputs, kwargs)
     elif not _has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
     work, report = fuse_graph(work)
@@ -245,6 +262,7 @@ def insert(
     attention: str | type | Callable[..., nn.Module] = "se",
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     where: Callable[[str, nn.Module], bool] | None = None,
     repeats: int = 1,
     psi_init: PsiInit = 0.1,
@@ -260,6 +278,7 @@ def insert(
             "spa", "cbam_channel", "gc"), an attention class taking the channel count, or
             ``fn(channels, tokens=..., dims=...) -> module``.
         example_inputs: inputs giving the shapes (channel counts come from them).
+        example_kwargs: keyword inputs, as for :func:`convert`.
         where: ``fn(path, module) -> bool`` choosing the modules to insert after; default:
             after the last normalization layer of each residual branch (before the add),
             or after every BatchNorm when the model has no residual adds.
@@ -283,8 +302,9 @@ def insert(
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     work = model if inplace else copy.deepcopy(model)
-    gm, _, _ = _traced_with_shapes(work, example_inputs, (), None, require_inputs=True)
-    points = insertion_points(gm, infer_layouts(gm), where)
+    traced = _traced_with_shapes(work, example_inputs, example_kwargs, (), None, require_inputs=True)
+    gm = traced.gm
+    points = insertion_points(gm, infer_layouts(gm), where, work)
 
     def factory(point):
         kwargs = dict(attention_kwargs)
@@ -303,13 +323,16 @@ def insert(
     gm.train(model.training)
     if not convert:
         return gm
-    return _convert_fn(gm, example_inputs, psi_init=psi_init, inplace=True)
+    converted = _convert_fn(gm, example_inputs, example_kwargs=example_kwargs, psi_init=psi_init, inplace=True)
+    report_of(converted).capture = traced.route
+    return converted
 
 
 def backbone(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     leaf_modules: Iterable[str | type] = (),
 ) -> nn.Module:
@@ -330,7 +353,7 @@ def backbone(
     from .graph.edit import set_module
 
     plain = copy.deepcopy(model)
-    for site in find_attention(model, example_inputs, leaf_modules=leaf_modules):
+    for site in find_attention(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules):
         path = site.module_path
         inside = module_path_of(site.x) or ""
         if not path or inside == path or inside.startswith(path + "."):
@@ -379,32 +402,63 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     return fused
 
 
-def _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args, require_inputs=False):
-    """Trace (GraphModules are copied, never annotated in place) and propagate shapes."""
-    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    gm = traced.gm
+def _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args,
+                        require_inputs=False) -> Traced:
+    """Capture ``model`` (GraphModules are copied, never annotated in place) and propagate shapes.
+
+    The fx route first; where torch.fx cannot get through the model's forward, or a submodule it
+    had to keep as a single call holds attention, the export route, which records why.
+    """
+    inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
     if isinstance(model, fx.GraphModule):
         gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-    inputs = as_input_tuple(example_inputs)
-    if inputs:
-        propagate_shapes(gm, inputs)
-    elif require_inputs or not _has_shapes(gm):
+        traced = Traced(gm, (), route=CaptureRoute("given"))
+    elif not isinstance(model, nn.Module):
+        return trace(model)  # raises, naming what was passed
+    elif not (inputs or kwargs):
+        traced = None
+    else:
+        try:
+            traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                           example_inputs=inputs, example_kwargs=kwargs)
+            propagate_shapes(traced.gm, inputs, kwargs)
+            why = _hidden_attention(model, traced.gm, traced.leaves)
+        except TracingError as exc:
+            traced, why = None, str(exc)
+        if why:
+            traced = _exported(model, inputs, kwargs, why)
+    if inputs or kwargs:
+        if traced.route.name == "given":
+            propagate_shapes(traced.gm, inputs, kwargs)
+    elif traced is None or require_inputs or not _has_shapes(traced.gm):
         raise AsrfxError(
             f"asrfx needs the shapes of {type(model).__name__}'s tensors: pass "
             "example_inputs=(torch.randn(1, 3, 224, 224),) (any batch size and resolution the "
             "model accepts)" + ("." if require_inputs else
                                 ", or a GraphModule whose nodes carry shape metadata.")
         )
-    _check_leaves(model, gm, traced.leaves)
-    return gm, traced.leaves, traced.mode_note
+    return traced
+
+
+def _exported(model: nn.Module, inputs: tuple, kwargs: dict, why: str) -> Traced:
+    """The export route, after the fx route failed for ``why``; both reasons if it fails too."""
+    first, _, rest = why.partition("\n")
+    where = next((line.strip() for line in rest.splitlines() if line.strip().startswith("at ")), "")
+    try:
+        traced = export_capture(model, inputs, kwargs, reason=first + (f" ({where})" if where else ""))
+        propagate_shapes(traced.gm, inputs, kwargs)
+    except TracingError as exc:
+        raise TracingError(f"{why}\n  {exc}") from exc
+    return traced
 
 
 def _has_shapes(gm: fx.GraphModule) -> bool:
     return any(node_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _check_leaves(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord, ...]) -> None:
-    """Refuse when a submodule kept as a single call holds attention inside it.
+def _hidden_attention(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord, ...]) -> str:
+    """Why the fx graph cannot be used: a submodule kept as a single call holds attention
+    (empty if none does).
 
     The leaf itself cannot be traced, but its children may be: each child is run
     on inputs shaped like the ones the leaf receives and searched for attention.
@@ -418,20 +472,21 @@ def _check_leaves(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord
         inputs = _random_like(calls[0].args)
         if inputs is None:
             continue
-        for name, child_inputs in _child_inputs(module, inputs, dict(children)).items():
+        for name, (child_args, child_kwargs) in _child_inputs(module, inputs, dict(children)).items():
             child = module.get_submodule(name)
             try:
-                found = find_attention(child, child_inputs)
+                found = find_attention(child, child_args, example_kwargs=child_kwargs)
             except TracingError:
                 continue  # the child reports its own failures when it is traced alone
             if len(found):
-                raise TracingError(
-                    f"module '{leaf.path}' ({leaf.module_type}) cannot be traced ({leaf.reason}), "
+                return (
+                    f"module '{leaf.path}' ({leaf.module_type}) cannot be traced by torch.fx ({leaf.reason}), "
                     f"and it contains attention at '{leaf.path}.{name}"
                     f"{'.' + found[0].module_path if found[0].module_path else ''}' "
                     f"({found[0].kind}). asrfx never hides attention inside an untraceable module.\n"
                     "  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
                 )
+    return ""
 
 
 def _may_hold_attention(module: nn.Module) -> bool:
@@ -458,14 +513,15 @@ def _random_like(args) -> tuple | None:
 
 
 def _child_inputs(module: nn.Module, inputs: tuple, children: dict[str, nn.Module]) -> dict[str, tuple]:
-    """Run a copy of ``module`` and record the first positional inputs of each child."""
+    """Run a copy of ``module`` and record the first (args, kwargs) each child is called with."""
     probe = copy.deepcopy(module).eval()
     seen: dict[str, tuple] = {}
     hooks = []
+    copied = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
     for name in children:
-        def hook(_mod, args, _name=name):
-            seen.setdefault(_name, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-        hooks.append(probe.get_submodule(name).register_forward_pre_hook(hook))
+        def hook(_mod, args, kwargs, _name=name):
+            seen.setdefault(_name, (tuple(copied(a) for a in args), {k: copied(v) for k, v in kwargs.items()}))
+        hooks.append(probe.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             probe(*inputs)

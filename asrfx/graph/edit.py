@@ -38,8 +38,10 @@ def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return name.endswith("_") or name in ("_assert", "_assert_async", "print")
+        # aten ops (export route) are named by their op: aten.add_.Tensor -> "add_"
+        name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) \
+            else getattr(node.target, "__name__", "")
+        return name.endswith("_") or name.startswith("_assert") or name == "print"
     return False
 
 
@@ -100,7 +102,11 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
     tuples: dict[fx.Node, tuple[fx.Node, int]] = {}  # shape tuple -> (tensor, first axis): x.shape[1:]
     for node in gm.graph.nodes:
         op = op_of(node, modules)
-        if node.op == "call_method" and op.name == "size" and node.args:
+        if op.name == "sym_size" and len(node.args) > 1 and isinstance(node.args[0], fx.Node):
+            v = value(node.args[0], node.args[1])  # aten.sym_size.int(x, dim): export-route graphs
+            if v is not None:
+                found[node] = v
+        elif node.op == "call_method" and op.name == "size" and node.args:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if isinstance(dim, int) and isinstance(node.args[0], fx.Node):
                 v = value(node.args[0], dim)

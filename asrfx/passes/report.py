@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from ..graph.capture import CaptureRoute
 from .site import AttentionSite, LeafRecord, Rejection
 
 __all__ = ["SiteTable"]
@@ -25,6 +26,7 @@ class SiteTable(Sequence[AttentionSite]):
     leaves: tuple[LeafRecord, ...]  # submodules traced as single calls
     graph_module: fx.GraphModule  # the traced graph the nodes belong to
     model_name: str  # class name of the model, for the header
+    capture: CaptureRoute = CaptureRoute("fx")  # how the model became graph_module, and why
 
     def __getitem__(self, index):
         return self.sites[index]
@@ -43,6 +45,8 @@ class SiteTable(Sequence[AttentionSite]):
         n_nodes = len(self.graph_module.graph.nodes)
         lines = [f"{self.model_name}: {len(self.sites)} channel-attention site(s) "
                  f"in a graph of {n_nodes} nodes"]
+        if self.capture.name == "export":
+            lines.append(str(self.capture))
         if self.sites:
             rows = [("#", "module", "kind", "channels", "gate shape", "fold target")]
             for i, site in enumerate(self.sites, 1):
