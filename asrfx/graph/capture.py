@@ -41,6 +41,7 @@ from torch.fx.node import map_aggregate
 from ..errors import TracingError
 from ..passes.detect import module_path_of
 from ..passes.site import LeafRecord
+from .ops import is_shape_query, op_of
 
 __all__ = ["CaptureRoute", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
            "check_call", "placeholder_values", "GraphRunner", "merge_training_graphs", "training_graph", "uniform_mode",
@@ -305,7 +306,10 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
     constants that differ (BatchNorm's momentum, unused in eval mode) keep their train-mode
     value; train-only counters (:func:`is_counter`) add the flag instead of 1.
     """
-    a, b = list(train.nodes), list(eval_.nodes)
+    # size queries (export's sym_size) sit wherever a mode first needs them: matched by what they ask
+    shapes = lambda nodes: [n for n in nodes if is_shape_query(n, op_of(n, {}))]  # noqa: E731
+    a = [n for n in train.nodes if n not in set(shapes(train.nodes))]
+    b = [n for n in eval_.nodes if n not in set(shapes(eval_.nodes))]
     index: dict[fx.Node, fx.Node] = {}  # eval node -> train node
     extra: list[fx.Node] = []  # train-only nodes
     opcodes = difflib.SequenceMatcher(None, [_align_key(n) for n in a], [_align_key(n) for n in b],
@@ -318,6 +322,12 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
         else:
             node = a[i1] if i1 < i2 else b[j1]
             return f"takes different paths in train and eval mode (at '{node.name}')"
+    asked = {(n.target, n.args[0], n.args[1:]): n for n in shapes(train.nodes)}
+    for query in shapes(eval_.nodes):
+        twin = asked.get((query.target, index.get(query.args[0]), query.args[1:]))
+        if twin is None:
+            return f"takes different paths in train and eval mode ('{query.name}' is asked in eval mode only)"
+        index[query] = twin
     counters = [n for n in extra if is_counter(n)]
     for n in extra:
         if n not in counters and not (n.op == "get_attr" and n.users and all(u in counters for u in n.users)):

@@ -29,20 +29,42 @@ def substitute(value: Any, mapping: dict[fx.Node, Any]) -> Any:
 
 
 def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """What must stay even when unused: in-place ops, user leaf modules, side effects."""
+    """What must stay even when unused: in-place ops on what others see, user leaf modules, side effects."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_module":
         module = modules.get(str(node.target))
         return not type(module).__module__.startswith("torch.nn")
     if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__") and _mutation_seen(node, modules)
     if node.op == "call_function":
         # aten ops (export route) are named by their op: aten.add_.Tensor -> "add_"
         name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) \
             else getattr(node.target, "__name__", "")
-        return name.endswith("_") or name.startswith("_assert") or name == "print"
+        if name.startswith("_assert") or name == "print":
+            return True
+        return name.endswith("_") and _mutation_seen(node, modules)
     return False
+
+
+# Ops whose result may share memory with their input: an in-place op on it writes the input too.
+_VIEWS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose",
+                    "t", "expand", "expand_as", "view_as", "reshape_as", "getitem", "select", "narrow", "slice",
+                    "split", "chunk", "unbind", "alias", "detach", "diagonal", "as_strided", "contiguous",
+                    "movedim", "identity", "dropout", "to", "type_as", "float", "double", "half"})
+
+
+def _mutation_seen(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether an unused in-place op changes something still read: a graph input, a parameter or
+    buffer, a tensor it may be a view of, or a value read after it. The in-place activation of a
+    dead psi branch (``relu_``, timm's in-place Swish) is not, and goes with the branch."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node) or target.op in ("placeholder", "get_attr"):
+        return True
+    if op_of(target, modules).name in _VIEWS or target.op == "call_module" and op_of(target, modules).name == "module":
+        return True
+    return any(user is not node and user > node for user in target.users)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
