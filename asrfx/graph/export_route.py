@@ -61,8 +61,12 @@ def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], reason
         except Exception as exc:  # export raises many types; the one of the model's own mode is reported
             if training == model.training:
                 where = user_frame(exc)
-                raise TracingError(f"torch.export cannot capture {name} either: {first_line(exc)}"
-                                   + (f"\n  at {where}" if where else "")) from exc
+                raise TracingError(
+                    f"torch.export cannot capture {name} either: {first_line(exc)}"
+                    + (f"\n  at {where}" if where else "")
+                    + "\n  What to do for torch.export: write control flow on tensor values with torch.cond, "
+                    "or move it into a submodule that holds no attention (torch.fx keeps that one whole)."
+                ) from exc
             failure = exc
     modules = {training: program.module(check_guards=False) for training, program in programs.items()}
     graph, note = training_graph({t: modules[t].graph if t in modules else None for t in (True, False)},
