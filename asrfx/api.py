@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,7 +18,8 @@ from .deploy.verify import check_fused
 from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .graph.layout import infer_layouts
-from .graph.ops import node_shape
+from .graph.layers import call_argument
+from .graph.ops import node_shape, op_of
 from .passes.report import SiteTable
 from .passes.site import LeafRecord
 from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
@@ -145,8 +147,9 @@ def convert(
     report: ConvertReport = state["report"]
     report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
     report.capture = traced.route
-    if traced.mode_note:
-        report.notes.append(traced.mode_note)
+    report.notes.extend([traced.mode_note] if traced.mode_note else [])
+    report.notes.extend(f"'{leaf.path}' ({leaf.module_type}) was kept as a single call and not searched for "
+                        f"attention: {leaf.unsearched}" for leaf in traced.leaves if leaf.unsearched)
     if calibrate and report.sites:
         report.notes.append(f"psi calibrated: the mean pooled statistics over {state['psi'].samples} samples "
                             f"({state['psi'].batches} batches)")
@@ -381,12 +384,10 @@ def report_of(gm: fx.GraphModule | torch.export.ExportedProgram) -> ConvertRepor
 
 def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """Unlift the program (parameters become get_attr constants), fold, export again."""
-    from torch.utils._pytree import tree_leaves
-
     from .deploy.frozen import fuse_frozen, mark_psi_attributes
 
-    training = [n.name for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
-                and len(n.args) > 5 and n.args[5] is True]
+    training = [n.name for n in program.graph.nodes if n.op == "call_function" and op_of(n, {}).name == "batch_norm"
+                and call_argument(n, "training") is True]
     if training:
         raise AsrfxError(f"the exported program normalizes with batch statistics ('{training[0]}'): export the "
                          "model in eval mode (call .eval() before torch.export.export), then fuse")
@@ -396,18 +397,19 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     args, kwargs = program.example_inputs
     module = program.module()  # a new module: the program itself is never changed
     mark_psi_attributes(module)
-    report = fuse_frozen(module, tree_leaves((args, kwargs)))
+    report = fuse_frozen(module, args, kwargs)  # the module takes the program's call structure
     fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     fused.graph_module.meta["asrfx"] = report
     return fused
 
 
 def _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args,
-                        require_inputs=False) -> Traced:
+                        require_inputs=False, both_modes=True) -> Traced:
     """Capture ``model`` (GraphModules are copied, never annotated in place) and propagate shapes.
 
     The fx route first; where torch.fx cannot get through the model's forward, or a submodule it
-    had to keep as a single call holds attention, the export route, which records why.
+    had to keep as a single call holds attention, the export route, which records why
+    (``both_modes=False``: exported in the model's mode only, to look for attention).
     """
     inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
     if isinstance(model, fx.GraphModule):
@@ -422,11 +424,17 @@ def _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, con
             traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
                            example_inputs=inputs, example_kwargs=kwargs)
             propagate_shapes(traced.gm, inputs, kwargs)
-            why = _hidden_attention(model, traced.gm, traced.leaves)
+            why, leaves = _hidden_attention(model, traced.gm, traced.leaves)
+            traced = dataclasses.replace(traced, leaves=leaves)
         except TracingError as exc:
             traced, why = None, str(exc)
         if why:
-            traced = _exported(model, inputs, kwargs, why)
+            traced = _exported(model, inputs, kwargs, why, both_modes)
+        for leaf in traced.leaves:
+            if leaf.unsearched:
+                warnings.warn(f"module '{leaf.path}' ({leaf.module_type}) is kept as a single call and could not be "
+                              f"searched for attention ({leaf.unsearched}); attention inside its own forward would "
+                              "not be found", AsrfxWarning, stacklevel=3)
     if inputs or kwargs:
         if traced.route.name == "given":
             propagate_shapes(traced.gm, inputs, kwargs)
@@ -440,12 +448,13 @@ def _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, con
     return traced
 
 
-def _exported(model: nn.Module, inputs: tuple, kwargs: dict, why: str) -> Traced:
+def _exported(model: nn.Module, inputs: tuple, kwargs: dict, why: str, both_modes: bool = True) -> Traced:
     """The export route, after the fx route failed for ``why``; both reasons if it fails too."""
     first, _, rest = why.partition("\n")
     where = next((line.strip() for line in rest.splitlines() if line.strip().startswith("at ")), "")
     try:
-        traced = export_capture(model, inputs, kwargs, reason=first + (f" ({where})" if where else ""))
+        traced = export_capture(model, inputs, kwargs, reason=first + (f" ({where})" if where else ""),
+                                both_modes=both_modes)
         propagate_shapes(traced.gm, inputs, kwargs)
     except TracingError as exc:
         raise TracingError(f"{why}\n  {exc}") from exc
@@ -456,37 +465,54 @@ def _has_shapes(gm: fx.GraphModule) -> bool:
     return any(node_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _hidden_attention(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord, ...]) -> str:
-    """Why the fx graph cannot be used: a submodule kept as a single call holds attention
-    (empty if none does).
-
-    The leaf itself cannot be traced, but its children may be: each child is run
-    on inputs shaped like the ones the leaf receives and searched for attention.
-    """
+def _hidden_attention(model: nn.Module, gm: fx.GraphModule,
+                      leaves: tuple[LeafRecord, ...]) -> tuple[str, tuple[LeafRecord, ...]]:
+    """Why the fx graph cannot be used: a submodule kept as a single call holds attention (empty
+    if none does); and the leaves, each saying if it could not be searched."""
+    checked = []
     for leaf in leaves:
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf.path]
-        module = model.get_submodule(leaf.path)
-        children = [(name, c) for name, c in module.named_children() if _may_hold_attention(c)]
-        if not calls or not children:
-            continue
-        inputs = _random_like(calls[0].args)
-        if inputs is None:
-            continue
-        for name, (child_args, child_kwargs) in _child_inputs(module, inputs, dict(children)).items():
-            child = module.get_submodule(name)
-            try:
-                found = find_attention(child, child_args, example_kwargs=child_kwargs)
-            except TracingError:
-                continue  # the child reports its own failures when it is traced alone
-            if len(found):
-                return (
-                    f"module '{leaf.path}' ({leaf.module_type}) cannot be traced by torch.fx ({leaf.reason}), "
-                    f"and it contains attention at '{leaf.path}.{name}"
-                    f"{'.' + found[0].module_path if found[0].module_path else ''}' "
-                    f"({found[0].kind}). asrfx never hides attention inside an untraceable module.\n"
-                    "  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
-                )
-    return ""
+        found, unsearched = _leaf_attention(model, gm, leaf)
+        if found:
+            return (f"module '{leaf.path}' ({leaf.module_type}) cannot be traced by torch.fx ({leaf.reason}), "
+                    f"and it contains attention at {found}. asrfx never hides attention inside an untraceable "
+                    "module.\n  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
+                    ), leaves
+        checked.append(dataclasses.replace(leaf, unsearched=unsearched))
+    return "", tuple(checked)
+
+
+def _leaf_attention(model: nn.Module, gm: fx.GraphModule, leaf: LeafRecord) -> tuple[str, str]:
+    """(where attention is inside ``leaf``, why the leaf could not be searched); both empty when
+    it was searched and holds none.
+
+    The leaf runs on inputs shaped like the ones it receives: captured alone it takes the export
+    route (torch.fx failed inside it). If that fails too, each child that may hold attention is
+    captured alone; the leaf's own forward then stays unsearched, and says so.
+    """
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf.path]
+    module = model.get_submodule(leaf.path)
+    if not calls or not _may_hold_attention(module):
+        return "", ""
+    inputs = _random_like(calls[0].args)
+    if inputs is None:
+        return "", "no shapes for its inputs"
+    try:
+        found = detect(_traced_with_shapes(module, inputs, None, (), None, both_modes=False).gm).sites
+        return (f"'{leaf.path}{'.' + found[0].module_path if found[0].module_path else ''}' ({found[0].kind})"
+                if found else ""), ""
+    except TracingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        unsearched = next((line for line in lines if line.startswith("torch.export cannot")), lines[0])
+    children = {name: c for name, c in module.named_children() if _may_hold_attention(c)}
+    for name, (child_args, child_kwargs) in _child_inputs(module, inputs, children).items():
+        try:
+            found = find_attention(module.get_submodule(name), child_args, example_kwargs=child_kwargs)
+        except TracingError:
+            continue  # the child reports its own failures when it is traced alone
+        if len(found):
+            return f"'{leaf.path}.{name}{'.' + found[0].module_path if found[0].module_path else ''}' " \
+                   f"({found[0].kind})", ""
+    return "", unsearched
 
 
 def _may_hold_attention(module: nn.Module) -> bool:

@@ -492,3 +492,53 @@ def test_call_signature_survives_graph_module_input():
     gm = asrfx.convert(captured, (x,))
     assert asrfx.report_of(gm).capture.name == "given"
     torch.testing.assert_close(asrfx.fuse(gm.eval())(x), gm(x))
+
+
+class GuardedSE(SE):
+    """An SE whose own forward has control flow on tensor values: neither route can look inside."""
+
+    def forward(self, x):
+        if x.abs().amax() > 1e3:
+            x = x / 1e3
+        return super().forward(x)
+
+
+class GuardedNet(Base):
+    def __init__(self):
+        super().__init__()
+        self.b2.se = GuardedSE(16)
+
+    def forward(self, x):
+        return self.logits(self.features(x))
+
+
+def test_a_leaf_no_route_can_search_is_never_counted_as_absent():
+    """torch.fx keeps b2.se whole and torch.export cannot capture it: find_attention and convert
+    warn, naming it, the table marks it NOT searched, and the convert report notes it."""
+    model = GuardedNet()
+    with pytest.warns(asrfx.AsrfxWarning, match=r"'b2.se' \(GuardedSE\) is kept as a single call and could not be"):
+        table = asrfx.find_attention(model, (_x(),))
+    assert [s.module_path for s in table] == ["b1.se"] and table.capture.name == "fx"
+    assert [(leaf.path, bool(leaf.unsearched)) for leaf in table.leaves] == [("b2.se", True)]
+    assert "b2.se (GuardedSE)" in str(table) and "NOT searched: torch.export cannot capture GuardedSE" in str(table)
+    with pytest.warns(asrfx.AsrfxWarning, match="could not be searched"):
+        gm = asrfx.convert(model, (_x(),))
+    assert any("'b2.se' (GuardedSE) was kept as a single call and not searched" in n
+               for n in asrfx.report_of(gm).notes)
+
+
+def test_a_leaf_export_can_search_is_searched_whole():
+    """The leaf's own forward holds the attention (no child does): captured alone by torch.export,
+    it is found, and the model takes the export route."""
+
+    class CheckedSE(SE):
+        def forward(self, x):
+            if x.shape[1] != self.fc1.in_channels:
+                raise ValueError("channels")
+            return super().forward(x)
+
+    model = GuardedNet()
+    model.b2.se = CheckedSE(16)
+    table = asrfx.find_attention(model, (_x(),))
+    assert table.capture.name == "export" and "'b2.se' (se)" in table.capture.reason
+    assert [s.module_path for s in table] == ["b1.se", "b2.se"]

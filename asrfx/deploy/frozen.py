@@ -76,9 +76,10 @@ def _demangled_owner(node: fx.Node, mangled: str) -> str:
     return mangled
 
 
-def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any]) -> FuseReport:
-    """Fold every constant gate of ``gm`` in place; raise AsrfxError if an invariant fails."""
-    propagate_shapes(gm, data_inputs)
+def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any], data_kwargs: dict[str, Any] | None = None) -> FuseReport:
+    """Fold every constant gate of ``gm`` in place; raise AsrfxError if an invariant fails.
+    ``gm`` is called as ``gm(*data_inputs, **data_kwargs)`` for the shapes."""
+    propagate_shapes(gm, data_inputs, data_kwargs)
     gm, report = fuse_graph(gm)
     _fold_psi_remainders(gm, report)
     left = [n.name for n in psi_dependent(gm)]

@@ -408,7 +408,7 @@ def placeholder_values(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[
     with the input spec of the example call, as ``ExportedProgram.module()`` does).
     """
     kwargs = dict(kwargs or {})
-    signature = inspect.signature(gm.forward)
+    signature = _call_signature(gm)
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
@@ -418,8 +418,8 @@ def placeholder_values(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[
     codegen = gm.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
         info = codegen.pytree_info
-        names = [n for n in info.orig_args if n != "self"]
-        values = [bound.arguments[n] for n in names]
+        values = list(bound.arguments.values())
+        names = list(bound.arguments)
         spec = info.in_spec
         if (spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple
                 and spec.child(1).type is dict):  # (args, kwargs), as gen_var_bindings builds it
@@ -429,6 +429,29 @@ def placeholder_values(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[
             tree = values
         return list(fx_pytree.tree_flatten_spec(tree, spec))
     return list(bound.arguments.values())
+
+
+def _call_signature(gm: fx.GraphModule) -> inspect.Signature:
+    """The signature of ``gm``'s forward, read off its graph (a lazily compiled GraphModule, as
+    Dynamo hands over, reports ``(*args, **kwargs)`` until it first runs)."""
+    codegen = gm.graph._codegen
+    kind = inspect.Parameter
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+        return inspect.Signature([kind(n, kind.POSITIONAL_OR_KEYWORD) for n in codegen.pytree_info.orig_args
+                                  if n != "self"])
+    params, keyword_only = [], False
+    for node in gm.graph.find_nodes(op="placeholder"):
+        target = str(node.target)
+        if target.startswith("**"):
+            params.append(kind(target[2:], kind.VAR_KEYWORD))
+        elif target.startswith("*"):
+            params.append(kind(target[1:], kind.VAR_POSITIONAL))
+            keyword_only = True
+        else:
+            default = node.args[0] if node.args else kind.empty
+            params.append(kind(target, kind.KEYWORD_ONLY if keyword_only else kind.POSITIONAL_OR_KEYWORD,
+                               default=default))
+    return inspect.Signature(params)
 
 
 class GraphRunner(fx.Interpreter):

@@ -46,16 +46,19 @@ from .capture import CaptureRoute, Traced, check_call, first_line, training_grap
 __all__ = ["export_capture"]
 
 
-def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], reason: str) -> Traced:
+def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], reason: str, *,
+                   both_modes: bool = True) -> Traced:
     """Capture ``model(*args, **kwargs)`` with torch.export; ``reason``: why the fx route was not taken.
 
+    ``both_modes=False`` exports once, in the model's own mode: enough to look for attention,
+    and half the time, but the graph does not follow ``.train()``/``.eval()``.
     Raises :class:`TracingError` with export's own reason and the user's line when it fails.
     """
     check_call(model, args, kwargs)
     name = type(model).__name__
     programs: dict[bool, torch.export.ExportedProgram] = {}
     failure: Exception | None = None
-    for training in (model.training, not model.training):
+    for training in (model.training, not model.training)[: 2 if both_modes else 1]:
         try:
             programs[training] = _export(model, args, kwargs, training)
         except Exception as exc:  # export raises many types; the one of the model's own mode is reported
@@ -71,7 +74,7 @@ def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], reason
     modules = {training: program.module(check_guards=False) for training, program in programs.items()}
     graph, note = training_graph({t: modules[t].graph if t in modules else None for t in (True, False)},
                                  model.training, name)
-    notes = [note + (f" ({first_line(failure)})" if failure is not None else "")] if note else []
+    notes = [note + (f" ({first_line(failure)})" if failure is not None else "")] if note and both_modes else []
     fixed = _fixed_batch(programs[model.training])
     if fixed:
         notes.append(f"torch.export fixed the batch size of {', '.join(fixed)} (the forward's code depends on "

@@ -63,5 +63,6 @@ class SiteTable(Sequence[AttentionSite]):
         if self.leaves:
             lines.append(f"traced as single calls ({len(self.leaves)}), checked for hidden attention:")
             for leaf in self.leaves:
-                lines.append(f"  {leaf.path} ({leaf.module_type}): {leaf.reason}")
+                lines.append(f"  {leaf.path} ({leaf.module_type}): {leaf.reason}"
+                             + (f"; NOT searched: {leaf.unsearched}" if leaf.unsearched else ""))
         return "\n".join(lines)
