@@ -41,7 +41,8 @@ from torch.export import Dim
 from torch.fx.graph_module import _assign_attr, _get_attr
 
 from ..errors import TracingError
-from .capture import CaptureRoute, Traced, check_call, first_line, training_graph, uniform_mode, user_frame
+from .capture import CaptureRoute, Traced, check_call, first_line, user_frame
+from .modes import training_graph, uniform_mode
 
 __all__ = ["export_capture"]
 

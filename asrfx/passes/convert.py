@@ -35,7 +35,8 @@ from .detect import module_path_of, pool_branch
 from ..errors import AsrfxError
 from ..graph.edit import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from ..nn.gated_norm import GatedBatchNorm
-from ..graph.capture import CaptureRoute, is_counter
+from ..graph.capture import CaptureRoute
+from ..graph.modes import is_counter
 from ..graph.layers import call_argument, set_call_argument
 from ..graph.ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
 from .site import AttentionSite, Combine
