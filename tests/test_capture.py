@@ -542,3 +542,20 @@ def test_a_leaf_export_can_search_is_searched_whole():
     table = asrfx.find_attention(model, (_x(),))
     assert table.capture.name == "export" and "'b2.se' (se)" in table.capture.reason
     assert [s.module_path for s in table] == ["b1.se", "b2.se"]
+
+
+def test_the_export_route_result_compiles_fullgraph_in_train_and_eval_mode():
+    """torch.compile(fullgraph=True) takes the converted export-route GraphModule: the training flags it
+    reads are plain module attributes (guarded), so train and eval mode compile and match eager."""
+    model = randomize(SizeCheck(), 2)
+    x = _x(batch=4)
+    gm = asrfx.convert(model, (x,)).train()
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    got = compiled(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, gm(x))
+    got.sum().backward()
+    assert gm.get_parameter("b1.se.psi").grad.abs().sum() > 0
+    compiled.eval()
+    torch.testing.assert_close(compiled(x), gm(x))
