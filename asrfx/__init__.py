@@ -34,6 +34,7 @@ __all__ = [
     "GateRecorder",
     "attention",
     "checkpoint",
+    "models",
     "verify",
     "report_of",
     "backbone",

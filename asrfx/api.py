@@ -12,9 +12,10 @@ from torch import fx, nn
 
 import warnings
 
-from .passes.convert import ConvertReport, PsiInit, convert_sites, move_gates_into_batchnorm
-from .passes.fuse import FuseReport, fuse_graph
-from .deploy.verify import check_fused
+from .passes.convert import ConvertReport, PsiInit, convert_sites
+from .passes.gate_in_layers import move_gates_into_batchnorm
+from .passes.fuse import fuse_graph
+from .passes.contract import attach_report, check_fused, report_of
 from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .graph.layout import infer_layouts
@@ -158,7 +159,7 @@ def convert(
                 "the GraphModule computes the same function as the model")
         report.notes.append(note)
         warnings.warn(note, AsrfxWarning, stacklevel=2)
-    gm.meta["asrfx"] = report
+    attach_report(gm, report)
     gm.train(model.training)
     return gm
 
@@ -255,8 +256,8 @@ def fuse(
     elif not _has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
     work, report = fuse_graph(work)
-    check_fused(work, report)
-    work.meta["asrfx"] = report
+    check_fused(work)
+    attach_report(work, report)
     return work
 
 
@@ -375,16 +376,10 @@ def backbone(
     return plain
 
 
-def report_of(gm: fx.GraphModule | torch.export.ExportedProgram) -> ConvertReport | FuseReport | None:
-    """The report an asrfx pass left on ``gm`` (None if it has none)."""
-    if isinstance(gm, torch.export.ExportedProgram):
-        gm = gm.graph_module
-    return getattr(gm, "meta", {}).get("asrfx")
-
-
 def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """Unlift the program (parameters become get_attr constants), fold, export again."""
-    from .deploy.frozen import fuse_frozen, mark_psi_attributes
+    from .deploy.frozen import fuse_frozen
+    from .passes.contract import mark_psi_attributes
 
     training = [n.name for n in program.graph.nodes if n.op == "call_function" and op_of(n, {}).name == "batch_norm"
                 and call_argument(n, "training") is True]
@@ -399,7 +394,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     mark_psi_attributes(module)
     report = fuse_frozen(module, args, kwargs)  # the module takes the program's call structure
     fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
-    fused.graph_module.meta["asrfx"] = report
+    attach_report(fused.graph_module, report)
     return fused
 
 

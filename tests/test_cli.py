@@ -29,10 +29,7 @@ import asrfx
 from asrfx import checkpoint
 from asrfx.cli import EXIT_FAILURE, EXIT_USAGE, main
 
-try:
-    from tests.helpers import randomize
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from helpers import randomize
+from helpers import randomize
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "torchvision:mobilenet_v3_small"
@@ -117,6 +114,7 @@ def deployed_parameters(printed: str) -> int:
     """The count in fuse's 'deployed model: N parameters ...; plain backbone N (equal)' line."""
     line = next(line for line in printed.splitlines() if line.startswith("deployed model:"))
     assert line.endswith("(equal)"), line
+    assert "the plain backbone: equal parameters, no gate op left" in printed
     return int(line.split()[2].replace(",", ""))
 
 

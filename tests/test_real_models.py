@@ -129,8 +129,8 @@ def test_convert_then_fuse_real_models(entry):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1.0))
     blocks = _attention_paths(model, entry.attention_classes)
     kinds = {FAMILY_KIND[kind] for kind in blocks.values()}
-    if "split" in kinds:  # gates over stacked branches stay as one constant multiply each
-        assert all(f.where == "kept" and "per-channel" in f.reason for f in report.folds)
+    if "split" in kinds:  # gates over stacked branches fold through the reshape into each branch's layers
+        assert not report.kept and all(f.where in ("producer", "consumers") for f in report.folds), str(report)
         return
     # a gate stays (as one stored constant, not a parameter) only with a reason: CondConv's
     # per-sample kernels read the gated tensor through a reshape

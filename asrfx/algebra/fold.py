@@ -11,12 +11,28 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "embed",
     "fold_output_affine",
     "fold_conv_transpose_output_affine",
     "fold_input_scale",
+    "fold_conv_transpose_input_scale",
     "fold_input_shift",
     "fold_shift_through_batchnorm",
+    "fold_scale_into_batchnorm_input",
+    "scale_along",
+    "shift_along",
 ]
+
+
+def embed(part: torch.Tensor, offset: int, width: int, neutral: float) -> torch.Tensor:
+    """A length-``width`` vector holding ``part`` at ``offset`` and ``neutral`` (1 for a scale, 0 for a
+    shift) elsewhere: the gate as seen by a layer that also carries channels the gate does not touch
+    (one input of a concatenation, one piece of a split)."""
+    if offset == 0 and part.numel() == width:
+        return part
+    full = torch.full((width,), neutral, dtype=part.dtype, device=part.device)
+    full[offset: offset + part.numel()] = part
+    return full
 
 
 def fold_output_affine(
@@ -71,11 +87,21 @@ def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1)
     return (w * s).reshape(weight.shape)
 
 
-def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
-    """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window
-    lies inside the input): ``W (x + t) + b == W x + (b + sum(W * t))``. Groups 1 only."""
-    t = shift.reshape((1, -1) + (1,) * (weight.dim() - 2))
-    extra = (weight * t).sum(dim=tuple(range(1, weight.dim())))
+def fold_conv_transpose_input_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A ConvTranspose reading ``x * s``: its weight is [C_in, C_out / groups, *k], input channel c
+    is row c whatever the groups."""
+    return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+
+
+def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor,
+                     groups: int = 1) -> torch.Tensor:
+    """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window lies
+    inside the input): ``W (x + t) + b == W x + (b + sum(W * t))``; output channel o of group g
+    sums over its group's input slice. Returns the new bias."""
+    c_out, per_group = weight.shape[0], weight.shape[1]
+    w = weight.reshape(groups, c_out // groups, per_group, *weight.shape[2:])
+    t = shift.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+    extra = (w * t).sum(dim=tuple(range(2, w.dim()))).reshape(c_out)
     return extra if bias is None else bias + extra
 
 
@@ -85,3 +111,36 @@ def fold_shift_through_batchnorm(
     """An eval-mode BatchNorm reading ``y + c``: ``BN(y + c) == BN(y) + c * gamma / sqrt(var + eps)``."""
     gamma = torch.ones_like(running_var) if weight is None else weight
     return bias + shift * gamma / torch.sqrt(running_var + eps)
+
+
+def fold_scale_into_batchnorm_input(
+    running_mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_var: torch.Tensor, eps: float,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm reading ``x * s``: returns (running_mean, weight, bias) such that
+    ``BN'(x) == BN(x * s)``.
+
+    ``(x s - m) / d * g + b == (x - m / s) / d * (g s) + b`` with ``d = sqrt(var + eps)``; where
+    ``s == 0`` the output is the constant ``b - m g / d``, so the mean is 0, the weight 0 and the
+    bias takes that constant. The running variance (and eps) stay as they are.
+    """
+    zero = scale == 0
+    safe = torch.where(zero, torch.ones_like(scale), scale)
+    mean = torch.where(zero, torch.zeros_like(running_mean), running_mean / safe)
+    new_bias = torch.where(zero, bias - running_mean * weight / torch.sqrt(running_var + eps), bias)
+    return mean, weight * scale, new_bias
+
+
+def scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """``tensor`` with its slices along ``axis`` multiplied by ``scale`` (a parameter inside a
+    weight's computation, a layer scale): ``(t * g) * v == t * (g * v)``."""
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    return tensor * scale.reshape(shape)
+
+
+def shift_along(tensor: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
+    """``tensor`` with ``shift`` added along ``axis`` (a bias added in the graph: ``(x + b) + c``)."""
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    return tensor + shift.reshape(shape)

@@ -277,6 +277,7 @@ def _not_plain(loaded, command: str) -> None:
 
 def _convert(args) -> int:
     from ..api import report_of
+    from ..passes.contract import psi_parameters
     from .checkpoint import Recipe, apply_recipe, save_asr
 
     _check_output(args.output)
@@ -297,7 +298,7 @@ def _convert(args) -> int:
         raise _Failure(f"no channel-attention site in {loaded.source}, nothing to convert{why}; to add "
                        "attention to a plain backbone, use --insert se (or eca, srm, ...)")
     print(report)
-    psi = sum(p.numel() for n, p in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi"))
+    psi = sum(p.numel() for _, p in psi_parameters(gm))
     _write(lambda: save_asr(args.output, gm, recipe, module=loaded.model if loaded.spec is None else None),
            args.output)
     print(f"\n{_count(loaded.model):,} parameters -> {_count(gm):,} in ASR form ({psi:,} in psi)")
@@ -335,7 +336,7 @@ def _fuse(args) -> int:
     line = f"\ndeployed model: {_count(fused):,} parameters (ASR form {_count(asr):,})"
     if backbone is not None:
         line += f"; plain backbone {backbone:,}" + (" (equal)" if backbone == _count(fused) else "")
-    print(line)
+    print(line + f"\n{report.verdict(_count(fused), backbone)}")
     print(f"wrote {args.output} ({what})")
     return EXIT_OK
 

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the quickstart needs torchvision: pip install 'asrfx[vision]'", file=sys.stderr)
         return 2
     import asrfx
+    from asrfx.passes.contract import psi_parameters
 
     builder = getattr(torchvision.models, args.model, None)
     if builder is None or not callable(builder):
@@ -40,15 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(sites)
     absorbable = sum(site.absorbable for site in sites)
-    print(f"\n{len(sites)} site(s) found in {elapsed:.2f} s; {absorbable} can fold into the layer "
-          f"that produced x, {len(sites) - absorbable} must fold into their consumers.\n")
+    foldable = sum(site.foldable for site in sites)
+    print(f"\n{len(sites)} site(s) found in {elapsed:.2f} s; {absorbable} fold into the layers that computed "
+          f"x, {foldable - absorbable} into the layers that read the gated map, {len(sites) - foldable} stay "
+          "a multiply.\n")
 
     start = time.perf_counter()
     asr = asrfx.convert(model, example_inputs=(example,))
     elapsed = time.perf_counter() - start
     print(asrfx.report_of(asr))
     count = lambda m: sum(p.numel() for p in m.parameters())
-    psi = sum(p.numel() for n, p in asr.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi"))
+    psi = sum(p.numel() for _, p in psi_parameters(asr))
     asr.eval()
     with torch.no_grad():
         out = asr(torch.randn(2, 3, args.resolution, args.resolution))
@@ -66,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
     backbone = asrfx.backbone(model, (example,))  # each attention block replaced by identity
     print(f"\nfused in {elapsed:.2f} s: {count(deployed):,} parameters; plain backbone "
-          f"{count(backbone):,} (equal: {count(deployed) == count(backbone)}); "
-          f"max relative difference to the ASR form: {error:.1e}")
+          f"{count(backbone):,}; max relative difference to the ASR form: {error:.1e}\n"
+          f"the deployed model is {asrfx.report_of(deployed).verdict(count(deployed), count(backbone))}")
     return 0
 
 

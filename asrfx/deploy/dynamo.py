@@ -46,7 +46,8 @@ import torch
 from torch import fx
 
 from ..errors import AsrfxError, AsrfxWarning
-from .frozen import fuse_frozen, mark_psi, mark_psi_attributes
+from ..passes.contract import attach_report, mark_psi, mark_psi_attributes
+from .frozen import fuse_frozen
 from ..passes.fuse import FuseReport
 from ..graph.edit import copy_meta, unique_attr_name
 from ..graph.ops import op_of
@@ -101,7 +102,9 @@ def asrfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     kept = len(report.kept)
     summary = (f"{len(report.folds) - kept} gate(s) folded, {kept} kept; "
                f"{frozen} parameters and buffers frozen; {len(keep)} data input(s)")
-    reports.append(BackendReport(True, summary, report, frozen, inner_name))
+    backend_report = BackendReport(True, summary, report, frozen, inner_name)
+    reports.append(backend_report)
+    attach_report(work, backend_report)
     compiled = inner(work, data)
 
     def run(*args):

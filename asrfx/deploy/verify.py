@@ -8,25 +8,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from ..passes.convert import ASR_META
 from ..errors import AsrfxError
-from ..passes.fuse import FuseReport, constant_gates
+from ..passes.contract import check_fused, report_of
+from ..passes.fuse import FuseReport
 from ..graph.capture import as_input_tuple, as_kwargs
 
-__all__ = ["check_fused", "verify"]
-
-
-def check_fused(gm: fx.GraphModule, report: FuseReport) -> None:
-    """Structural invariants: no psi, no ASR gate node, no computed gate beyond those kept."""
-    psi = [n for n, _ in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi")]
-    if psi:
-        raise AsrfxError(f"fuse left psi parameters behind: {psi[:3]}")
-    roles = [n.name for n in gm.graph.nodes if (n.meta.get(ASR_META) or {}).get("role") in ("psi", "gate")]
-    if roles:
-        raise AsrfxError(f"fuse left ASR nodes in the graph: {roles[:3]}")
-    left = constant_gates(gm)
-    if left:
-        raise AsrfxError(f"fuse left computed constant gates: {[g.combine.name for g in left[:3]]}")
+__all__ = ["verify"]
 
 
 def _count(model: nn.Module | int) -> int:
@@ -51,9 +38,9 @@ def verify(
     (tensor, tuple, dict, dataclass) and agree tensor by tensor (default tolerances 1e-5
     relative in float32, 1e-10 in float64). Raises AsrfxError saying what differs.
     """
-    report = fused.meta.get("asrfx") if hasattr(fused, "meta") else None
+    report = report_of(fused)
     if isinstance(report, FuseReport):
-        check_fused(fused, report)
+        check_fused(fused)
     if backbone is not None and _count(fused) != _count(backbone):
         raise AsrfxError(f"fused model has {_count(fused):,} parameters, the backbone {_count(backbone):,}")
     if reference is not None:

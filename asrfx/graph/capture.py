@@ -37,6 +37,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.fx.node import map_aggregate
 
 from ..errors import TracingError
+from .edit import rewire_inplace
 from ..passes.site import LeafRecord
 from .modes import training_graph, uniform_mode
 
@@ -210,7 +211,8 @@ def trace(
                 graph = tracer.trace(model, concrete_args=fixed)
                 break
             except Exception as exc:  # fx raises many types; we name the place and move on
-                failing = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
+                # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
+                failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
                 where = user_frame(exc)
                 if not failing or failing in leaf_paths or len(leaves) >= _MAX_LEAVES:
                     scope = f"module '{failing}'" if failing else f"the forward of {type(model).__name__}"
@@ -231,6 +233,7 @@ def trace(
                                       type(model).__name__)
     _restore_argument_names(graph, fixed or {})
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    rewire_inplace(gm)
     return Traced(gm, tuple(leaves), mode_note)
 
 
@@ -306,6 +309,7 @@ class _MetaRecorder(GraphRunner):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.metas: list[Any] = []
+        self.devices: list[torch.device | None] = []  # x.device reads in a psi branch are answered from these
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -320,6 +324,7 @@ class _MetaRecorder(GraphRunner):
 
         meta = map_aggregate(result, extract)
         self.metas.append(meta if found else None)
+        self.devices.append(result.device if isinstance(result, torch.Tensor) else None)
         return result
 
 
@@ -352,6 +357,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, example_kwargs: Ma
                 "  What to do: check that example_inputs (and example_kwargs) match the model's forward, "
                 "as you would call the model: model(*example_inputs, **example_kwargs)."
             ) from exc
-    for node, meta in zip(gm.graph.nodes, recorder.metas):
+    for node, meta, device in zip(gm.graph.nodes, recorder.metas, recorder.devices):
         if meta is not None:
             node.meta["tensor_meta"] = meta
+        if device is not None:
+            node.meta["device"] = device

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .ops import is_shape_query, op_of
+from .ops import op_of
 
 __all__ = [
+    "rewire_inplace",
+    "is_inplace",
     "substitute",
     "finish",
     "eliminate_dead_code",
@@ -19,7 +21,6 @@ __all__ = [
     "set_module",
     "shape_constants",
     "copy_meta",
-    "ancestors",
 ]
 
 
@@ -28,43 +29,74 @@ def substitute(value: Any, mapping: dict[fx.Node, Any]) -> Any:
     return fx.node.map_aggregate(value, lambda a: mapping.get(a, a) if isinstance(a, fx.Node) else a)
 
 
+def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An op that writes into its first argument: ``x.mul_(y)``, ``torch.relu_(x)``,
+    ``F.silu(x, inplace=True)``, ``nn.ReLU(inplace=True)``."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        name = _function_name(node.target)
+        return (name.endswith("_") and not name.endswith("__") and not name.startswith("_assert")) \
+            or node.kwargs.get("inplace") is True
+    if node.op == "call_module":
+        return getattr(modules.get(str(node.target)), "inplace", False) is True
+    return False
+
+
+# Ops whose result may share memory with their input: writing into it writes into the input too.
+_VIEWS = frozenset({"view", "reshape", "getitem", "transpose", "permute", "expand", "expand_as", "narrow",
+                    "squeeze", "unsqueeze", "flatten", "unflatten", "select", "as_strided", "t", "detach",
+                    "view_as", "reshape_as", "split", "chunk", "unbind", "diagonal", "movedim", "slice"})
+
+
+def _function_name(target: Any) -> str:
+    """A call_function target's name; aten ops (export route) by their op: aten.add_.Tensor -> 'add_'."""
+    return target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "")
+
+
+def rewire_inplace(gm: fx.GraphModule) -> None:
+    """Readers that come after an in-place op read its result instead of the tensor it wrote into.
+
+    ``y = x.mul_(g); z = f(x)`` reads the written values through the name x; after this pass
+    ``z = f(y)``, so every analysis (and dead-code elimination) sees the data flow as it is.
+    """
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        target = node.args[0] if node.args else None
+        if not isinstance(target, fx.Node) or not is_inplace(node, modules):
+            continue
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+
+
 def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """What must stay even when unused: in-place ops on what others see, user leaf modules, side effects."""
+    """What must stay even when unused: writes into inputs, parameters or views, user leaf modules,
+    side effects. A write into a temporary nothing reads afterwards (after :func:`rewire_inplace`)
+    is dead like any other op."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_module":
         module = modules.get(str(node.target))
+        if getattr(module, "inplace", False) is True:
+            return _writes_observably(node, modules)
         return not type(module).__module__.startswith("torch.nn")
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.endswith("__") and _mutation_seen(node, modules)
-    if node.op == "call_function":
-        # aten ops (export route) are named by their op: aten.add_.Tensor -> "add_"
-        name = node.target._opname if isinstance(node.target, torch._ops.OpOverload) \
-            else getattr(node.target, "__name__", "")
-        if name.startswith("_assert") or name == "print":
-            return True
-        return name.endswith("_") and _mutation_seen(node, modules)
+    if node.op == "call_function" and (_function_name(node.target).startswith("_assert")
+                                       or _function_name(node.target) == "print"):
+        return True  # torch._assert, and the export route's aten._assert_scalar / _assert_tensor_metadata
+    if node.op in ("call_method", "call_function") and is_inplace(node, modules):
+        return _writes_observably(node, modules)
     return False
 
 
-# Ops whose result may share memory with their input: an in-place op on it writes the input too.
-_VIEWS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose",
-                    "t", "expand", "expand_as", "view_as", "reshape_as", "getitem", "select", "narrow", "slice",
-                    "split", "chunk", "unbind", "alias", "detach", "diagonal", "as_strided", "contiguous",
-                    "movedim", "identity", "dropout", "to", "type_as", "float", "double", "half"})
-
-
-def _mutation_seen(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether an unused in-place op changes something still read: a graph input, a parameter or
-    buffer, a tensor it may be a view of, or a value read after it. The in-place activation of a
-    dead psi branch (``relu_``, timm's in-place Swish) is not, and goes with the branch."""
+def _writes_observably(node: fx.Node, modules) -> bool:
     target = node.args[0] if node.args else None
-    if not isinstance(target, fx.Node) or target.op in ("placeholder", "get_attr"):
+    if not isinstance(target, fx.Node):
         return True
-    if op_of(target, modules).name in _VIEWS or target.op == "call_module" and op_of(target, modules).name == "module":
+    if target.op in ("placeholder", "get_attr") or op_of(target, modules).name in _VIEWS:
         return True
-    return any(user is not node and user > node for user in target.users)
+    return any(u is not node and u > node for u in target.users)  # read again after the write
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
@@ -124,6 +156,12 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
     tuples: dict[fx.Node, tuple[fx.Node, int]] = {}  # shape tuple -> (tensor, first axis): x.shape[1:]
     for node in gm.graph.nodes:
         op = op_of(node, modules)
+        rank_of = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+        if rank_of is not None and hasattr(rank_of, "shape") and (
+                (node.op == "call_function" and node.target is getattr and node.args[1] == "ndim")
+                or (node.op == "call_method" and node.target in ("dim", "ndimension"))):
+            found[node] = len(rank_of.shape)  # the rank is fixed by the architecture
+            continue
         if op.name == "sym_size" and len(node.args) > 1 and isinstance(node.args[0], fx.Node):
             v = value(node.args[0], node.args[1])  # aten.sym_size.int(x, dim): export-route graphs
             if v is not None:
@@ -148,18 +186,6 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
             elif isinstance(index, slice) and (index.start or 0) >= 0 and index.step in (None, 1):
                 tuples[node] = (tensor, offset + (index.start or 0))
     return found
-
-
-def ancestors(node: fx.Node) -> Iterator[fx.Node]:
-    """``node``, then every node it is computed from, each once (depth first)."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        yield n
-        stack.extend(n.all_input_nodes)
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:

@@ -41,6 +41,7 @@ from torch.export import Dim
 from torch.fx.graph_module import _assign_attr, _get_attr
 
 from ..errors import TracingError
+from .edit import rewire_inplace
 from .capture import CaptureRoute, Traced, check_call, first_line, user_frame
 from .modes import training_graph, uniform_mode
 
@@ -82,6 +83,7 @@ def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], reason
                      "it): the captured graph runs only with that many samples")
     source = next(m for m in modules.values() if m.graph is graph)
     gm = _graph_module(model, source, graph, name)
+    rewire_inplace(gm)  # aten.relu_ in a psi branch: its readers read its result, as on the fx route
     return Traced(gm, (), "; ".join(notes), CaptureRoute("export", reason))
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from .edit import copy_meta, unique_attr_name
-from .ops import op_of
+from .ops import argument, op_of
 
 __all__ = ["Layer", "LayerIndex", "layer_of", "set_parameter", "call_argument", "set_call_argument"]
 
@@ -48,26 +48,30 @@ def _positions(target: Any) -> dict[str, int] | None:
 
 
 def call_argument(node: fx.Node, name: str, default: Any = None) -> Any:
-    """The argument ``name`` of a functional call, passed by position or keyword (``default`` if absent)."""
-    positions = _positions(node.target) or {}
-    if name in node.kwargs:
-        return node.kwargs[name]
-    position = positions.get(name)
-    return node.args[position] if position is not None and len(node.args) > position else default
+    """The argument ``name`` of a functional call, by keyword or at the position its op's
+    signature gives it (``default`` if absent)."""
+    position = (_positions(node.target) or {}).get(name)
+    if position is None:
+        return node.kwargs.get(name, default)
+    return argument(node, position, name, default)
 
 
 def set_call_argument(node: fx.Node, name: str, value: Any) -> None:
     """Set the argument ``name`` of a functional call where it is passed (as a keyword if it is not)."""
     position = (_positions(node.target) or {}).get(name)
-    if name in node.kwargs or position is None or len(node.args) <= position:
+    if position is None:
         node.update_kwarg(name, value)
     else:
-        node.update_arg(position, value)
+        _set_argument(node, position, name, value)
 
 
 def set_parameter(owner: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    """Install a new Parameter (a copy of ``value``); the old tensor is never written to."""
+    """Install a copy of ``value`` as ``owner.name``: a Parameter (keeping requires_grad), or a buffer
+    where the old tensor was one (running statistics); the old tensor is never written to."""
     if value is None:
+        return
+    if name in owner._buffers:
+        owner._buffers[name] = value.detach().clone()
         return
     old = getattr(owner, name, None)
     requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
@@ -93,20 +97,32 @@ class Layer:
     """One conv / conv-transpose / linear / norm call and its parameters."""
 
     node: fx.Node  # the call
-    name: str  # canonical op: "conv", "conv_transpose", "linear", "batch_norm", "group_norm", "layer_norm"
+    name: str  # canonical op: "conv", "conv_transpose", "linear", "batch_norm", "group_norm", "layer_norm" ...
     label: str  # how reasons name it: the module path, or the node name of a functional call
     module: nn.Module | None  # the called module, None for a functional call
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
+    weight: torch.Tensor | None  # the stored weight (None when absent or computed in the graph)
+    bias: torch.Tensor | None  # the stored bias (None when absent or computed in the graph)
+    computed: dict[str, fx.Node]  # "weight"/"bias" computed in the graph from parameters -> that node
     groups: int  # conv groups (1 for other layers)
     padded: bool  # a conv that pads its input (a shift cannot fold into it exactly)
     normalized_shape: tuple[int, ...] | None  # layer_norm only
+    running_mean: torch.Tensor | None  # batch_norm only
     running_var: torch.Tensor | None  # batch_norm only
     eps: float  # norms only
+    training: bool  # normalizes with batch statistics (batch_norm in training mode)
     qualified_bias: str | None  # where the bias lives (a dotted attribute path), if it exists
 
+    @property
+    def has_weight(self) -> bool:
+        return self.weight is not None or "weight" in self.computed
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None or "bias" in self.computed
+
     def set(self, which: str, value: torch.Tensor) -> None:
-        """Replace the weight or bias (creating the bias of a functional call that has none)."""
+        """Replace a stored tensor (weight, bias, running_mean), keeping it a parameter or a buffer;
+        a functional call without a bias gets one."""
         if self.module is not None:
             set_parameter(self.module, which, value)
             return
@@ -138,20 +154,31 @@ def layer_of(node: fx.Node, index: LayerIndex) -> Layer | str:
     return f"'{node.name}' ({op.name}) cannot absorb a per-channel constant"
 
 
+def _padded(padding: Any) -> bool:
+    if padding is None:
+        return False
+    if isinstance(padding, str):
+        return padding != "valid"
+    return any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+
+
 def _module_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
     path = str(node.target)
     module = index[path]
     if index.calls[path] != 1:
         return f"'{path}' is called more than once (shared weights)"
-    padding = getattr(module, "padding", 0)
-    padded = name == "conv" and (padding == "same" or any(p != 0 for p in (
-        padding if isinstance(padding, tuple) else (padding,))))
+    if name == "conv" and getattr(module, "padding_mode", "zeros") != "zeros":
+        padded = True  # reflect/replicate/circular padding copies values: a shift would see them
+    else:
+        padded = name == "conv" and _padded(getattr(module, "padding", 0))
     return Layer(
         node=node, name=name, label=path, module=module,
-        weight=getattr(module, "weight", None), bias=getattr(module, "bias", None),
+        weight=getattr(module, "weight", None), bias=getattr(module, "bias", None), computed={},
         groups=getattr(module, "groups", 1), padded=padded,
         normalized_shape=tuple(module.normalized_shape) if name == "layer_norm" else None,
-        running_var=getattr(module, "running_var", None), eps=float(getattr(module, "eps", 0.0)),
+        running_mean=getattr(module, "running_mean", None), running_var=getattr(module, "running_var", None),
+        eps=float(getattr(module, "eps", 0.0)),
+        training=name == "batch_norm" and (module.training or module.running_var is None),
         qualified_bias=f"{path}.bias" if getattr(module, "bias", None) is not None else None,
     )
 
@@ -162,6 +189,7 @@ def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | st
         return f"'{node.name}' ({name}): asrfx cannot read the arguments of {node.target}"
     read = lambda key, default=None: call_argument(node, key, default)  # noqa: E731
     values: dict[str, Any] = {}
+    computed: dict[str, fx.Node] = {}
     for which in ("weight", "bias"):
         arg = read(which)
         if arg is None:
@@ -170,27 +198,37 @@ def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | st
             if index.reads[str(arg.target)] != 1:
                 return f"'{node.name}' ({name}) shares its {which} '{arg.target}' with other layers"
             values[which] = _fetch(gm, str(arg.target))
+        elif isinstance(arg, fx.Node):
+            values[which] = None  # weight standardization, weight norm: folded through its own graph
+            computed[which] = arg
         else:
-            return f"'{node.name}' ({name}) computes its {which} in the graph; only stored parameters can absorb a constant"
-    if name == "batch_norm" and read("training") is True:
-        return f"'{node.name}' (batch_norm) normalizes with batch statistics (training mode)"
-    groups = read("groups", 1)
-    padding = read("padding", 0)
-    padding = 0 if padding is None else padding
-    if isinstance(padding, str):
-        padded = padding != "valid"
-    else:
-        padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
-    var, eps, shape, bias_arg = read("running_var"), read("eps"), read("normalized_shape"), read("bias")
+            return f"'{node.name}' ({name}) takes a constant {which} that cannot change"
+    if isinstance(read("groups", 1), fx.Node):
+        return f"'{node.name}' ({name}) computes its groups at run time (per-sample kernels)"
+    training = read("training")
+    if isinstance(training, fx.Node):  # a read of a module's training flag (graph.modes), else computed
+        flag = training.op == "get_attr" and str(training.target).rpartition(".")[2] == "training"
+        training = bool(_fetch(gm, str(training.target))) if flag else True
+    mean, var, eps, shape, bias_arg = (read("running_mean"), read("running_var"), read("eps"),
+                                      read("normalized_shape"), read("bias"))
+    stored = lambda arg: _fetch(gm, str(arg.target)) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
     return Layer(
         node=node, name=name, label=node.name, module=None,
-        weight=values["weight"], bias=values["bias"],
-        groups=1 if groups is None else int(groups), padded=padded,
+        weight=values["weight"], bias=values["bias"], computed=computed,
+        groups=int(read("groups", 1) or 1), padded=name == "conv" and _padded(read("padding", 0)),
         normalized_shape=tuple(shape) if shape is not None else None,
-        running_var=_fetch(gm, str(var.target)) if isinstance(var, fx.Node) and var.op == "get_attr" else None,
+        running_mean=stored(mean), running_var=stored(var),
         eps=1e-5 if eps is None else float(eps),
-        qualified_bias=str(bias_arg.target) if isinstance(bias_arg, fx.Node) else None,
+        training=name == "batch_norm" and (training is not False or stored(var) is None),
+        qualified_bias=str(bias_arg.target) if isinstance(bias_arg, fx.Node) and bias_arg.op == "get_attr" else None,
     )
+
+
+def _set_argument(node: fx.Node, position: int, keyword: str, value: Any) -> None:
+    if keyword in node.kwargs or len(node.args) <= position:
+        node.update_kwarg(keyword, value)
+    else:
+        node.update_arg(position, value)
 
 
 def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:

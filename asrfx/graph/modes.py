@@ -17,8 +17,8 @@ import operator
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from ..passes.detect import module_path_of
-from .ops import is_shape_query, op_of
+
+from .ops import is_shape_query, module_path_of, op_of
 
 __all__ = ["uniform_mode", "training_graph", "merge_training_graphs", "is_counter"]
 

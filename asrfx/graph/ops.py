@@ -10,6 +10,7 @@ must work on attention code nobody has seen before.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ __all__ = [
     "data_inputs",
     "data_readers",
     "is_shape_query",
+    "argument",
+    "broadcast_source",
+    "module_path_of",
 ]
 
 
@@ -248,3 +252,55 @@ def data_readers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
             continue
         readers.append(user)
     return readers
+
+
+def argument(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    """An argument of a call by keyword or position (``conv2d(x, w, b, stride, padding)``): the one reader."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
+def broadcast_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """The tensor that broadcast-only ops spread: through expand, expand_as, broadcast_to,
+    contiguous, clone, and repeat / tile where every repeated axis has size 1 (``g.repeat(1, 1, h, w)``
+    of a ``[N, C, 1, 1]`` gate is a broadcast; a multiply broadcasts the source the same way)."""
+    while node.args and isinstance(node.args[0], fx.Node) and op_of(node, modules).name in BROADCASTS:
+        if op_of(node, modules).name in ("repeat", "tile") and not _repeat_broadcasts(node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _repeat_broadcasts(node: fx.Node) -> bool:
+    shape = node_shape(node.args[0])
+    reps = node.args[1:] if len(node.args) > 2 or not isinstance(argument(node, 1, "dims"), (tuple, list)) \
+        else argument(node, 1, "dims")
+    reps = list(argument(node, 1, "repeats", reps) if "repeats" in node.kwargs else reps)
+    if shape is None or not reps:
+        return False
+    padded = (1,) * max(len(reps) - len(shape), 0) + tuple(shape)
+    return all(size == 1 for size, rep in zip(padded[-len(reps):], reps) if not (isinstance(rep, int) and rep == 1))
+
+
+def module_path_of(node: fx.Node) -> str | None:
+    """The innermost module (of the original model) whose forward created ``node``."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        key, value = next(reversed(stack.items()))
+        return _dotted(value[0] if isinstance(value, tuple) else key)
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    return None
+
+
+def _dotted(path: str) -> str:
+    """Dynamo writes module paths as source code: ``getattr(L['self'].features, '1').fc1`` or
+    ``L['self'].layer1[0]`` -> ``features.1.fc1``, ``layer1.0``. Other paths pass through."""
+    if "L['self']" not in path:
+        return path
+    path = path.replace("getattr(", "")
+    path = re.sub(r", '([^']*)'\)", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    return path.replace("L['self']", "").lstrip(".")

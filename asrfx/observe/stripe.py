@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..passes.convert import ASR_META, CalibratedPsi, pooled_statistics, psi_names, why_not_convertible
+from ..passes.contract import ASR_META, psi_names
+from ..passes.convert import CalibratedPsi, pooled_statistics, why_not_convertible
 from ..errors import AsrfxError
 from ..graph.capture import GraphRunner, placeholder_values
 from .moments import RunningMoments, relative_variation

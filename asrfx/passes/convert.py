@@ -31,18 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .detect import module_path_of, pool_branch
+from .detect import pool_branch
 from ..errors import AsrfxError
-from ..graph.edit import ancestors, copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
-from ..nn.gated_norm import GatedBatchNorm
+from ..graph.edit import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
 from ..graph.capture import CaptureRoute
-from ..graph.modes import is_counter
 from ..graph.layers import call_argument, set_call_argument
-from ..graph.ops import data_readers, is_shape_query, node_shape, node_shapes, op_of
+from ..graph.modes import is_counter
+from ..graph.ops import is_shape_query, module_path_of, node_shape, node_shapes, op_of
+from .contract import Role, mark, psi_names
 from .site import AttentionSite, Combine
 
 __all__ = ["ConvertedSite", "ConvertReport", "PsiInit", "CalibratedPsi", "convert_sites", "why_not_convertible",
-           "move_gates_into_batchnorm", "pooled_statistics", "psi_names"]
+           "pooled_statistics"]
 
 # psi_init: a constant, a tensor broadcastable to psi's shape, fn(site, shape) -> tensor, or
 # "calibrate" (api.convert measures the means of the pooled statistics on data: CalibratedPsi).
@@ -59,7 +59,6 @@ class CalibratedPsi:
     batches: int  # batches read
 
 
-ASR_META = "asrfx"  # node.meta key: {"role": "psi" | "gate", "site": module path}
 
 
 @dataclass(frozen=True)
@@ -121,34 +120,6 @@ def _owner(gm: fx.GraphModule, path: str) -> nn.Module:
     return gm.get_submodule(path) if path else gm
 
 
-def _pool_label(pool: fx.Node, modules) -> str:
-    name = op_of(pool, modules).name
-    return {"mean": "avg", "sum": "avg", "adaptive_avg_pool": "avg", "avg_pool": "avg",
-            "amax": "max", "max": "max", "adaptive_max_pool": "max", "max_pool": "max",
-            "std": "std", "var": "var", "matmul": "context", "bmm": "context", "einsum": "context",
-            "norm": "norm", "vector_norm": "norm"}.get(name, name)
-
-
-def _grid_side(pool: fx.Node) -> int:
-    shape = node_shape(pool) or ()
-    cells = 1
-    for s in shape[2:]:
-        cells *= s
-    return int(round(cells ** 0.5))
-
-
-def psi_names(site: AttentionSite, modules) -> list[str]:
-    """psi, or psi_<statistic> per pool: psi_avg/psi_max (CBAM), psi_avg/psi_std (SRM),
-    psi_avg1/psi_avg2/psi_avg4 (SPA's pyramid)."""
-    if len(site.pools) == 1:
-        return ["psi"]
-    labels = [_pool_label(p, modules) for p in site.pools]
-    if len({_grid_side(p) for p in site.pools}) > 1:
-        labels = [f"{lab}{_grid_side(p)}" for lab, p in zip(labels, site.pools)]
-    return [f"psi_{lab}" if labels.count(lab) == 1 else f"psi_{lab}_{labels[:i].count(lab)}"
-            for i, lab in enumerate(labels)]
-
-
 def _psi_value(psi_init: PsiInit | CalibratedPsi, site: AttentionSite, shape: tuple[int, ...],
                like: torch.Tensor | None, stat: fx.Node):
     """The initial value of the psi that replaces ``stat`` (a pooled statistic of ``site``)."""
@@ -192,7 +163,7 @@ def _new_psi(gm, owner_path, name, value, site, stat) -> tuple[str, fx.Node]:
     qualified = f"{owner_path}.{attr}" if owner_path else attr
     with gm.graph.inserting_before(stat):
         node = gm.graph.get_attr(qualified)
-    node.meta[ASR_META] = {"role": "psi", "site": site.module_path}
+    mark(node, Role.PSI, site.module_path)
     return qualified, node
 
 
@@ -245,15 +216,31 @@ _INT_OPS = {operator.mul: operator.mul, operator.add: operator.add, operator.sub
             operator.floordiv: operator.floordiv, operator.mod: operator.mod}
 
 
-def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | None:
-    """The value of a size expression (``4 * x.size(1)``) when every size in it is known."""
+def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | list | None:
+    """The value of a size expression when every size in it is known: ``4 * x.size(1)``, and
+    shape lists built by arithmetic (MONAI: ``[b, c] + [1] * (x.ndim - 2)``)."""
     if node in constants:
         return constants[node]
     if node.op == "call_function" and node.target in _INT_OPS and len(node.args) == 2 and not node.kwargs:
-        values = [a if isinstance(a, int) else _resolve(a, constants) if isinstance(a, fx.Node) else None
-                  for a in node.args]
-        if all(isinstance(v, int) for v in values):
-            return _INT_OPS[node.target](*values)
+        values = [_size_value(a, constants) for a in node.args]
+        if all(v is not None for v in values):
+            try:
+                return _INT_OPS[node.target](*values)
+            except TypeError:  # not size arithmetic after all
+                return None
+    return None
+
+
+def _size_value(arg, constants) -> int | list | None:
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, int):
+        return arg
+    if isinstance(arg, fx.Node):
+        return _resolve(arg, constants)
+    if isinstance(arg, (list, tuple)):
+        items = [_size_value(a, constants) for a in arg]
+        return None if any(v is None for v in items) else list(items)
     return None
 
 
@@ -293,7 +280,7 @@ def _replace(gm, site, psi_init, constants, modules, flows, applications) -> Con
     _constant_shapes(ordered, constants)
     frozen = _freeze_norms(gm, ordered, modules)
     for use in site.uses:
-        use.gate.meta[ASR_META] = {"role": "gate", "site": site.module_path}
+        mark(use.gate, Role.GATE, site.module_path)
         applications.append((site.module_path, use.x, use.gate, use.combine))
     return ConvertedSite(site.module_path, site.kind.value, "replace", tuple(created), tuple(frozen), None)
 
@@ -353,7 +340,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
                 _owner(gm, owner_path).register_parameter(attr, nn.Parameter(value))
                 qualified = f"{owner_path}.{attr}" if owner_path else attr
                 env[stat] = graph.get_attr(qualified)
-                env[stat].meta[ASR_META] = {"role": "psi", "site": site.module_path}
+                mark(env[stat], Role.PSI, site.module_path)
                 created.append(qualified)
         for node in closure:
             if node in constants:
@@ -368,7 +355,7 @@ def _keep(gm, site, psi_init, constants, modules, flows, applications) -> Conver
             gated[use.x] = graph.call_function(fn, (use.x, env[use.operand]))
             copy_meta(use.combine, gated[use.x])
             applications.append((site.module_path, use.x, env[use.gate], gated[use.x]))
-            env[use.gate].meta[ASR_META] = {"role": "gate", "site": site.module_path}
+            mark(env[use.gate], Role.GATE, site.module_path)
     # the original attention now sees the ASR-gated x
     internal = set(site.pools) | set(site.excitation) | {u.combine for u in site.uses}
     internal |= pool_branch(site.uses, frozenset(site.pools))
@@ -405,87 +392,3 @@ def convert_sites(
         rewrite = _keep if keep else _replace
         report.sites.append(rewrite(gm, site, psi_init, constants, modules, flows, report.applications))
     return finish(gm), report
-
-
-def move_gates_into_batchnorm(gm: fx.GraphModule, report: ConvertReport) -> fx.GraphModule:
-    """Training fast path: ``BN(y) * v`` with v from psi becomes ``GatedBatchNorm(y, v)``.
-
-    Applies where x is the output of a torch BatchNorm module that nothing else reads
-    and the gate is a per-channel vector of batch 1 (paper eq. 7, applied while training).
-    """
-    modules = dict(gm.named_modules())
-    gated_at: dict[str, str] = {}
-    for site_path, x, gate, combine in report.applications:
-        if getattr(combine, "_erased", False) or getattr(x, "_erased", False):
-            continue  # erased by an earlier rewrite
-        hit = _gate_into_bn(gm, combine, x, gate, modules)
-        if hit:
-            gated_at[site_path] = hit
-    report.sites = [
-        ConvertedSite(s.module_path, s.kind, s.mode, s.psi, s.frozen_norms, gated_at.get(s.module_path))
-        for s in report.sites
-    ]
-    return finish(gm)
-
-
-_NON_NEGATIVE = frozenset({"sigmoid", "hardsigmoid", "softmax", "relu", "relu6", "exp", "softplus"})
-
-
-_CHAIN = frozenset({"identity", "dropout"})  # commute with any per-channel scale
-
-
-def _gate_into_bn(gm, combine: fx.Node, x: fx.Node, gate: fx.Node, modules) -> str | None:
-    """Rewrite ``BN(y) [-> identity/dropout/relu] * v`` as ``GatedBatchNorm(y, v) [-> ...]``.
-
-    relu is looked through only when v >= 0 (relu(a) * v == relu(a * v)).
-    """
-    if op_of(combine, modules).name != "mul":
-        return None
-    non_negative = op_of(gate, modules).name in _NON_NEGATIVE
-    readers = lambda n: data_readers(n, modules)
-    if readers(x) != [combine]:
-        return None
-    bn_node = x
-    while op_of(bn_node, modules).name in _CHAIN or (op_of(bn_node, modules).name == "relu" and non_negative):
-        nxt = bn_node.args[0] if bn_node.args else None
-        if not isinstance(nxt, fx.Node) or readers(nxt) != [bn_node]:
-            return None
-        bn_node = nxt
-    if bn_node.op != "call_module":
-        return None
-    bn = modules.get(str(bn_node.target))
-    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or not bn.affine:
-        return None
-    gate_shape, x_shape = node_shape(gate), node_shape(x)
-    if gate_shape is None or x_shape is None or node_shape(combine) != x_shape:
-        return None
-    if len(gate_shape) != len(x_shape) or gate_shape[0] != 1 or gate_shape[1] != x_shape[1] \
-            or any(s != 1 for s in gate_shape[2:]):
-        return None
-    if not _hoist_before(gate, bn_node):
-        return None
-    path = str(bn_node.target)
-    set_module(gm, path, GatedBatchNorm(bn))
-    y = bn_node.args[0]
-    with gm.graph.inserting_before(bn_node):
-        vector = gm.graph.call_method("reshape", (gate, -1))
-        new = gm.graph.call_module(path, (y, vector))
-    vector.meta[ASR_META] = {"role": "gate_vector", "site": (gate.meta.get(ASR_META) or {}).get("site", "")}
-    copy_meta(bn_node, new)
-    top = new if x is bn_node else x  # x now carries the gate
-    bn_node.replace_all_uses_with(new)
-    gm.graph.erase_node(bn_node)
-    combine.replace_all_uses_with(top)
-    gm.graph.erase_node(combine)
-    return path
-
-
-def _hoist_before(gate: fx.Node, anchor: fx.Node) -> bool:
-    """Move the gate's parameter-only subgraph in front of ``anchor``; False if it reads data."""
-    subgraph = set(ancestors(gate))
-    if any(n.op == "placeholder" for n in subgraph):
-        return False
-    for node in sorted(subgraph):  # fx nodes compare by their place in the graph
-        if node > anchor:
-            anchor.prepend(node)
-    return True

@@ -20,7 +20,6 @@ with their reason.
 
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass, field
 
@@ -32,6 +31,9 @@ from ..graph.ops import (
     BROADCASTS, COMBINE_ADD, COMBINE_MUL, CONTRACTIONS, POOLS, REDUCTIONS, Op, data_inputs,
     is_shape_query, node_shape, op_of,
 )
+from ..graph.layers import LayerIndex
+from ..graph.ops import module_path_of  # noqa: F401 (re-exported: detect.module_path_of)
+from .absorb import plan_consumers, plan_producer, residual_add, static_sign
 from .site import Absorption, AttentionSite, Combine, GateUse, Rejection, SiteKind
 
 __all__ = ["Flow", "Detection", "analyse_flow", "detect", "module_path_of", "pool_branch"]
@@ -64,33 +66,6 @@ _LEARNED_FUNCTIONS = frozenset(
      "addmm", "baddbmm", "addcmul"}
 )
 _LEARNED_MODULES = frozenset({"linear", "conv", "conv_transpose", "bilinear", "module"})
-# Ops that commute with a positive per-channel scale: a gate can be folded through them.
-_LOOK_THROUGH = frozenset({"relu", "leaky_relu", "max_pool", "avg_pool", "adaptive_avg_pool",
-                           "adaptive_max_pool", "dropout", "identity"})
-_ABSORBERS = frozenset({"conv", "conv_transpose", "linear", "batch_norm", "layer_norm", "group_norm"})
-
-
-def module_path_of(node: fx.Node) -> str | None:
-    """The innermost module (of the original model) whose forward created ``node``."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        key, value = next(reversed(stack.items()))
-        return _dotted(value[0] if isinstance(value, tuple) else key)
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target)
-    return None
-
-
-def _dotted(path: str) -> str:
-    """Dynamo writes module paths as source code: ``getattr(L['self'].features, '1').fc1`` or
-    ``L['self'].layer1[0]`` -> ``features.1.fc1``, ``layer1.0``. Other paths pass through."""
-    if "L['self']" not in path:
-        return path
-    path = path.replace("getattr(", "")
-    path = re.sub(r", '([^']*)'\)", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    return path.replace("L['self']", "").lstrip(".")
 
 
 def _common_path(paths: list[str]) -> str:
@@ -296,7 +271,7 @@ def _match_combine(node: fx.Node, op: Op, flows, layouts, modules) -> tuple[list
 
 def detect(gm: fx.GraphModule, layouts=None) -> Detection:
     """Find every channel-attention site of ``gm`` (whose nodes carry shape metadata)."""
-    modules = dict(gm.named_modules())
+    modules = LayerIndex(gm)
     if layouts is None:
         layouts = infer_layouts(gm)
     flows = analyse_flow(gm, layouts, modules)
@@ -348,7 +323,7 @@ def _record(group: list[_Match], flows, layouts, modules, order) -> AttentionSit
         channel_dim=first.channel_dim,
         channels=x_shape[first.channel_dim],
         gate_shape=node_shape(first.use.gate),
-        absorption=_absorption(first.use.x, first.channel_dim, internal, modules),
+        absorption=_absorption(first.use, first.channel_dim, internal, modules),
         module_path=_common_path(paths),
         module_paths=tuple(sorted(all_paths)),
     )
@@ -441,71 +416,37 @@ def _grid(pool: fx.Node) -> int:
     return size
 
 
-def _absorption(x: fx.Node, channel_dim: int, internal: set[fx.Node], modules) -> Absorption:
-    """Walk from x to the layer that could absorb a per-channel scale, or say why not."""
-    cur, through, prev = x, [], None
-    while True:
-        readers = [u for u in cur.users if u not in internal and u is not prev
-                   and not is_shape_query(u, op_of(u, modules))]
-        if readers:
-            return Absorption(x, None, tuple(through),
-                              f"'{_place(cur)}' is also read unscaled by '{_place(readers[0])}'; "
-                              "fold into consumers instead")
-        op = op_of(cur, modules)
-        rank = len(node_shape(cur) or ())
-        if op.name in _ABSORBERS:
-            ok, why = _absorbs(cur, op, channel_dim, rank)
-            if ok:
-                via = "".join(f" through {_label(op_of(t, modules))}" for t in through)
-                return Absorption(x, cur, tuple(through), f"{_label(op)} '{_place(cur)}'{via}")
-            return Absorption(x, None, tuple(through), why)
-        if op.name in _LOOK_THROUGH and cur.args and isinstance(cur.args[0], fx.Node):
-            through.append(cur)
-            internal = internal | {cur}
-            prev, cur = cur, cur.args[0]
-            continue
-        return Absorption(x, None, tuple(through), _why_not(cur, op))
+def _absorption(use: GateUse, channel_dim: int, internal: set[fx.Node], modules: LayerIndex) -> Absorption:
+    """Where the gate will fold: the plan fuse follows (producer first, then consumers), read
+    from the rule table. The gate's values are unknown here: its sign comes from its last op
+    (a sigmoid gate is non-negative), and a fold that needs a sign it cannot know says so."""
+    axes = _gate_axes(use, channel_dim)
+    sign = static_sign(use.gate, modules)
+    combine, ignore = use.combine, frozenset(internal - {use.combine})
+    residual = residual_add(use.x, use.combine, modules) if use.op is Combine.MUL else None
+    if residual is not None:  # x + x * g: fuse folds the scale 1 + g
+        combine, ignore = residual, ignore | {use.combine}
+    producer = plan_producer(use.x, combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
+    plan = producer
+    if not producer.ok:
+        plan = plan_consumers(combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
+    if not plan.ok:
+        return Absorption(use.x, "kept", (), (), f"stays a multiply: producer: {producer.reason}; "
+                                                  f"consumers: {plan.reason}")
+    through = tuple(dict.fromkeys(n for t in plan.targets for n in t.through))
+    text = plan.describe(modules)
+    if plan is not producer:
+        text += f" (producer: {producer.reason})"
+    return Absorption(use.x, plan.side, tuple(t.node for t in plan.targets), through, text)
 
 
-def _absorbs(node: fx.Node, op: Op, channel_dim: int, rank: int) -> tuple[bool, str]:
-    label = _label(op)
-    if op.name in ("conv", "conv_transpose", "batch_norm", "group_norm"):
-        if channel_dim != 1:
-            return False, f"'{_place(node)}' ({label}) has channels on axis 1, the gate on axis {channel_dim}"
-        if op.name == "group_norm" and op.module is not None and not op.module.affine:
-            return False, f"'{_place(node)}' ({label}) has no affine parameters"
-        return True, ""
-    if op.name == "linear":
-        return (channel_dim == rank - 1,
-                f"'{_place(node)}' ({label}) outputs features on the last axis, the gate is on axis {channel_dim}")
-    if op.name == "layer_norm":
-        module = op.module
-        if module is not None and not module.elementwise_affine:
-            return False, f"'{_place(node)}' ({label}) has no affine parameters"
-        return (channel_dim == rank - 1,
-                f"'{_place(node)}' ({label}) normalizes the last axis, the gate is on axis {channel_dim}")
-    return False, f"'{_place(node)}' ({label}) cannot absorb a scale"
-
-
-def _place(node: fx.Node) -> str:
-    """A node as a human finds it in the model: its module path, else its fx name."""
-    if node.op == "call_module":
-        return str(node.target)
-    path = module_path_of(node)
-    return f"{path}:{node.name}" if path else node.name
-
-
-def _label(op: Op) -> str:
-    return type(op.module).__name__ if op.module is not None else op.name
-
-
-def _why_not(node: fx.Node, op: Op) -> str:
-    where = _place(node)
-    if node.op == "placeholder":
-        return f"x is the graph input '{node.name}'"
-    if op.name in ("add", "sub"):
-        return f"x is a sum ('{where}', e.g. a residual); fold into consumers instead"
-    if op.name in ("cat", "stack"):
-        return f"x is a {op.name} of branches ('{where}'); fold into the branches or consumers instead"
-    return (f"x comes out of {_label(op)} '{where}', which does not commute with a "
-            "per-channel scale; fold into consumers instead")
+def _gate_axes(use: GateUse, channel_dim: int) -> tuple[int, int]:
+    """The axes of x the gate runs along: the channel axis, or adjacent axes (split attention)."""
+    xs, gs = node_shape(use.x), node_shape(use.gate)
+    if xs is None or gs is None:
+        return channel_dim, channel_dim
+    full = (1,) * (len(xs) - len(gs)) + tuple(gs)
+    axes = [d for d in range(1, len(xs)) if full[d] != 1 and full[d] == xs[d]]
+    if axes and axes == list(range(axes[0], axes[-1] + 1)) and channel_dim in axes:
+        return axes[0], axes[-1]
+    return channel_dim, channel_dim

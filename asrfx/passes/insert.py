@@ -17,8 +17,8 @@ from torch import fx, nn
 from ..errors import AsrfxError
 from ..graph.edit import unique_attr_name
 from ..graph.layout import is_channel
-from ..graph.ops import node_shape, op_of
-from .detect import module_path_of
+from ..graph.ops import module_path_of, node_shape, op_of
+
 
 __all__ = ["InsertionPoint", "insertion_points", "insert_modules"]
 

@@ -44,12 +44,18 @@ class GateUse:
 
 @dataclass(frozen=True)
 class Absorption:
-    """Whether the layer that produced x can absorb a per-channel scale."""
+    """Where the gate folds, as fuse will fold it (both read the rule table, asrfx.algebra.rules)."""
 
-    producer: fx.Node  # the node that produced x
-    target: fx.Node | None  # the layer that would absorb the scale (after looking through relu/pool/...)
-    through: tuple[fx.Node, ...]  # nodes looked through on the way (commute with a positive scale)
-    reason: str  # why it cannot, or what it folds into
+    producer: fx.Node  # x, the gated feature map
+    side: str  # "producer" (the layers that computed x), "consumers" (those that read the gated map), "kept"
+    targets: tuple[fx.Node, ...]  # the layers (or parameters) that absorb it; empty when kept
+    through: tuple[fx.Node, ...]  # ops the gate moves through on the way (ReLU, pooling, reshapes ...)
+    reason: str  # the fold target in words, or why the gate would stay a multiply
+
+    @property
+    def target(self) -> fx.Node | None:
+        """The first layer that absorbs the gate on the producer side (None otherwise)."""
+        return self.targets[0] if self.side == "producer" and self.targets else None
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,13 @@ class AttentionSite:
 
     @property
     def absorbable(self) -> bool:
-        """Whether the producer of x can absorb a per-channel scale."""
-        return self.absorption.target is not None
+        """Whether the layers that computed x can absorb the gate."""
+        return self.absorption.side == "producer"
+
+    @property
+    def foldable(self) -> bool:
+        """Whether the gate folds away (producer or consumer side) rather than staying a multiply."""
+        return self.absorption.side != "kept"
 
 
 @dataclass(frozen=True)
