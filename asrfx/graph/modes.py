@@ -88,10 +88,11 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
     constants that differ (BatchNorm's momentum, unused in eval mode) keep their train-mode
     value; train-only counters (:func:`is_counter`) add the flag instead of 1.
     """
-    # size queries (export's sym_size) sit wherever a mode first needs them: matched by what they ask
-    shapes = lambda nodes: [n for n in nodes if is_shape_query(n, op_of(n, {}))]  # noqa: E731
-    a = [n for n in train.nodes if n not in set(shapes(train.nodes))]
-    b = [n for n in eval_.nodes if n not in set(shapes(eval_.nodes))]
+    # size queries and arithmetic on sizes (export's sym_size, (h - 1) // 2 + 1) sit wherever a mode
+    # first needs them: they are matched by what they compute, after the rest is aligned
+    sizes_a, sizes_b = _size_nodes(train), _size_nodes(eval_)
+    a = [n for n in train.nodes if n not in sizes_a]
+    b = [n for n in eval_.nodes if n not in sizes_b]
     index: dict[fx.Node, fx.Node] = {}  # eval node -> train node
     extra: list[fx.Node] = []  # train-only nodes
     opcodes = difflib.SequenceMatcher(None, [_align_key(n) for n in a], [_align_key(n) for n in b],
@@ -104,11 +105,12 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
         else:
             node = a[i1] if i1 < i2 else b[j1]
             return f"takes different paths in train and eval mode (at '{node.name}')"
-    asked = {(n.target, n.args[0], n.args[1:]): n for n in shapes(train.nodes)}
-    for query in shapes(eval_.nodes):
-        twin = asked.get((query.target, index.get(query.args[0]), query.args[1:]))
+    computed = {(n.target, n.args, tuple(n.kwargs.items())): n for n in sizes_a}
+    for query in sizes_b:  # graph order: the sizes it reads are matched before it
+        twin = computed.get((query.target, map_aggregate(query.args, lambda v: index.get(v, v)),
+                             tuple(map_aggregate(dict(query.kwargs), lambda v: index.get(v, v)).items())))
         if twin is None:
-            return f"takes different paths in train and eval mode ('{query.name}' is asked in eval mode only)"
+            return f"takes different paths in train and eval mode ('{query.name}' is computed in eval mode only)"
         index[query] = twin
     counters = [n for n in extra if is_counter(n)]
     for n in extra:
@@ -143,6 +145,19 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
             amount = flag(node) if step == 1 else train.call_function(operator.mul, (flag(node), step))
         node.update_arg(1, amount)
     return ""
+
+
+def _size_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """Size queries and the Python arithmetic on them (``operator.add(-1, sym_size)``), in graph order."""
+    sizes: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    for n in graph.nodes:
+        arithmetic = n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "math") \
+            and n.all_input_nodes and all(i in seen for i in n.all_input_nodes)
+        if is_shape_query(n, op_of(n, {})) or arithmetic:
+            sizes.append(n)
+            seen.add(n)
+    return sizes
 
 
 def _merge(ta, ea, index):
