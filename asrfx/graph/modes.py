@@ -105,10 +105,9 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
         else:
             node = a[i1] if i1 < i2 else b[j1]
             return f"takes different paths in train and eval mode (at '{node.name}')"
-    computed = {(n.target, n.args, tuple(n.kwargs.items())): n for n in sizes_a}
+    computed = {_computes(n, {}): n for n in sizes_a}
     for query in sizes_b:  # graph order: the sizes it reads are matched before it
-        twin = computed.get((query.target, map_aggregate(query.args, lambda v: index.get(v, v)),
-                             tuple(map_aggregate(dict(query.kwargs), lambda v: index.get(v, v)).items())))
+        twin = computed.get(_computes(query, index))
         if twin is None:
             return f"takes different paths in train and eval mode ('{query.name}' is computed in eval mode only)"
         index[query] = twin
@@ -147,17 +146,34 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
     return ""
 
 
+def _computes(node: fx.Node, index: dict[fx.Node, fx.Node]) -> tuple:
+    """What a size node computes, as a hashable key, its inputs mapped through ``index``."""
+    def key(v):
+        if isinstance(v, fx.Node):
+            return index.get(v, v)
+        if isinstance(v, slice):  # x.shape[2:] (slices are not hashable before Python 3.12)
+            return ("slice", key(v.start), key(v.stop), key(v.step))
+        if isinstance(v, (list, tuple)):
+            return tuple(key(i) for i in v)
+        if isinstance(v, dict):
+            return tuple((k, key(i)) for k, i in v.items())
+        return v
+    return node.target, key(node.args), key(dict(node.kwargs))
+
+
 def _size_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Size queries and the Python arithmetic on them (``operator.add(-1, sym_size)``), in graph order."""
-    sizes: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-    for n in graph.nodes:
+    """Size queries and the Python arithmetic on them (``operator.add(-1, sym_size)``), in graph order,
+    each computed once: a repeat (export asks ``h * w`` again for a second view) is replaced by the first."""
+    sizes: dict[tuple, fx.Node] = {}
+    for n in list(graph.nodes):
         arithmetic = n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "math") \
-            and n.all_input_nodes and all(i in seen for i in n.all_input_nodes)
+            and n.all_input_nodes and all(i in sizes.values() for i in n.all_input_nodes)
         if is_shape_query(n, op_of(n, {})) or arithmetic:
-            sizes.append(n)
-            seen.add(n)
-    return sizes
+            first = sizes.setdefault(_computes(n, {}), n)
+            if first is not n:  # pure: the same value
+                n.replace_all_uses_with(first)
+                graph.erase_node(n)
+    return list(sizes.values())
 
 
 def _merge(ta, ea, index):
