@@ -27,12 +27,9 @@ import asrfx
 from asrfx import TracingError
 from asrfx.passes.fuse import constant_gates
 
-try:
-    from tests.helpers import randomize
-    from tests.test_detect_properties import networks
-except ImportError:  # tests/ is not a package when pytest puts it on sys.path
-    from helpers import randomize
-    from test_detect_properties import networks
+import zoo
+from helpers import examples, randomize
+from test_detect_properties import networks
 
 
 class SE(nn.Module):
@@ -424,7 +421,7 @@ class Checked(nn.Module):
         return self.net(x)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(networks(), st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**16))
 def test_export_route_follows_the_same_rules(net_expected, batch, size, seed):
     """
@@ -462,6 +459,26 @@ def test_export_route_follows_the_same_rules(net_expected, batch, size, seed):
     torch.testing.assert_close(fused(x), want, rtol=1e-10, atol=1e-10 * max(want.nan_to_num().abs().max().item(), 1.0),
                                equal_nan=True)
     assert not any("psi" in n for n, _ in fused.named_parameters())
+
+
+def test_sizes_computed_in_other_places_still_follow_the_modes():
+    """Found by the property test: export computes sizes ((h - 1) // 2 + 1 after a stride-2 conv,
+    h * w for each of GC's two views) where each mode first needs them, and twice when asked twice;
+    the train and eval graphs still merge, and the graph follows .eval()."""
+    from test_detect_properties import RandomNet, Stage
+
+    stages = [Stage(16, 16, 3, 2, False, "gn", "gelu", zoo.ChannelGate(16), False),
+              Stage(16, 32, 3, 1, False, "none", "hardswish", None, False),
+              Stage(32, 32, 3, 1, True, "none", "none", zoo.SEInplace(32), False),
+              Stage(32, 16, 3, 1, False, "bn", "hardswish", zoo.CoordAtt(16, 16), False),
+              Stage(16, 32, 1, 1, False, "none", "gelu", zoo.ContextBlock(32), False)]
+    model = Checked(randomize(RandomNet(stages), 4).double()).train()
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64)
+    gm = asrfx.convert(model, (x,))
+    report = asrfx.report_of(gm)
+    assert report.capture.name == "export" and not report.notes
+    captured = asrfx.find_attention(model, (x,)).graph_module
+    torch.testing.assert_close(captured.eval()(x), copy.deepcopy(model).eval()(x), rtol=1e-10, atol=1e-10)
 
 
 def test_merge_training_graphs_keeps_the_model_mode_when_paths_differ():
