@@ -29,9 +29,10 @@ from ..passes.fuse import ConstantEvaluator, Fold, FuseReport, drop_unused_attri
 __all__ = ["fuse_frozen"]
 
 
-def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any]) -> FuseReport:
-    """Fold every constant gate of ``gm`` in place; raise AsrfxError if an invariant fails."""
-    propagate_shapes(gm, data_inputs)
+def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any], data_kwargs: dict[str, Any] | None = None) -> FuseReport:
+    """Fold every constant gate of ``gm`` in place; raise AsrfxError if an invariant fails.
+    ``gm`` is called as ``gm(*data_inputs, **data_kwargs)`` for the shapes."""
+    propagate_shapes(gm, data_inputs, data_kwargs)
     gm, report = fuse_graph(gm)
     _fold_psi_remainders(gm, report)
     check_fused(gm)

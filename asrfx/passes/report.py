@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from ..graph.capture import CaptureRoute
 from .site import AttentionSite, LayoutLoss, LeafRecord, Rejection, Verdict
 
 __all__ = ["SiteTable", "detection_notes"]
@@ -58,6 +59,7 @@ class SiteTable(Sequence[AttentionSite]):
     graph_module: fx.GraphModule  # the traced graph the nodes belong to
     model_name: str  # class name of the model, for the header
     layout_losses: tuple[LayoutLoss, ...] = ()  # where the axis layout became unknown (detection is blind there)
+    capture: CaptureRoute = CaptureRoute("fx")  # how the model became graph_module, and why
 
     def __getitem__(self, index):
         return self.sites[index]
@@ -81,6 +83,8 @@ class SiteTable(Sequence[AttentionSite]):
         n_nodes = len(self.graph_module.graph.nodes)
         lines = [f"{self.model_name}: {len(self.sites)} channel-attention site(s) "
                  f"in a graph of {n_nodes} nodes"]
+        if self.capture.name == "export":
+            lines.append(str(self.capture))
         if self.sites:
             rows = [("#", "module", "kind", "channels", "gate shape", "fold target")]
             for i, site in enumerate(self.sites, 1):
@@ -100,5 +104,6 @@ class SiteTable(Sequence[AttentionSite]):
         if self.leaves:
             lines.append(f"traced as single calls ({len(self.leaves)}), checked for hidden attention:")
             for leaf in self.leaves:
-                lines.append(f"  {leaf.path} ({leaf.module_type}): {leaf.reason}")
+                lines.append(f"  {leaf.path} ({leaf.module_type}): {leaf.reason}"
+                             + (f"; NOT searched: {leaf.unsearched}" if leaf.unsearched else ""))
         return "\n".join(lines)

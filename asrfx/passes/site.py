@@ -135,3 +135,4 @@ class LeafRecord:
     path: str  # module path in the original model
     module_type: str  # its class name
     reason: str  # first line of the tracing error
+    unsearched: str = ""  # why it could not be searched for attention ("" when it was)
