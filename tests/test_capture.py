@@ -577,3 +577,37 @@ def test_the_export_route_result_compiles_fullgraph_in_train_and_eval_mode():
     assert gm.get_parameter("b1.se.psi").grad.abs().sum() > 0
     compiled.eval()
     torch.testing.assert_close(compiled(x), gm(x))
+
+
+@dataclasses.dataclass
+class _Output(dict):
+    """A dict-like dataclass output, as HF's ModelOutput (torch.fx records it as a plain dict)."""
+
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) is not None:
+                self[field.name] = getattr(self, field.name)
+
+
+class _DictOutputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.se, self.head = nn.Conv2d(3, 8, 3), zoo.SELayer(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.se(self.body(x))
+        return _Output(logits=self.head(y.mean((2, 3))))
+
+
+def test_a_dict_dataclass_output_keeps_its_type_on_the_fx_route():
+    model, x = _DictOutputNet().eval(), torch.randn(2, 3, 9, 9)
+    gm = asrfx.convert(model, x)
+    assert asrfx.report_of(gm).capture.name == "fx" and len(asrfx.report_of(gm).sites) == 1
+    out = gm.eval()(x)
+    assert type(out) is _Output and out.features is None and out.logits.shape == (2, 4)
+    fused = asrfx.fuse(gm)
+    assert type(fused(x)) is _Output
+    torch.testing.assert_close(fused(x).logits, out.logits, rtol=1e-5, atol=1e-6)

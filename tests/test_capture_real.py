@@ -67,12 +67,8 @@ def _unet(encoder):
 
 
 ENTRIES = [
-    Entry("hf-efficientnet", _efficientnet, (2, 3, 64, 64), ("EfficientNetSqueezeExciteLayer",), "fx", 0,
-          why_not="layout (#11 item 1): nn.ZeroPad2d before the stem and depthwise convs loses the spatial axes, "
-                  "so no squeeze-excitation is seen"),
-    Entry("hf-regnet-y", _regnet, (2, 3, 32, 32), ("RegNetSELayer",), "fx", 5,
-          why_not="layout (#11 item 1): torch.fx keeps 'regnet.embedder' (a channel-count check) as an opaque leaf "
-                  "whose output layout is unknown, so no squeeze-excitation is seen (the export route finds all 5)"),
+    Entry("hf-efficientnet", _efficientnet, (2, 3, 64, 64), ("EfficientNetSqueezeExciteLayer",), "fx", 0),
+    Entry("hf-regnet-y", _regnet, (2, 3, 32, 32), ("RegNetSELayer",), "fx", 5),
     Entry("smp-unet-scse-se_resnet50", _unet("se_resnet50"), (2, 3, 64, 64), ("SEModule", "SCSEModule"), "fx", 7),
     Entry("smp-unet-scse-timm-efficientnet", _unet("timm-efficientnet-b0"), (2, 3, 64, 64),
           ("SqueezeExcite", "SCSEModule"), "fx", 5),

@@ -20,7 +20,9 @@ nothing is computed and the caller's modules, parameters and buffers are untouch
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import copy
 import inspect
 import traceback
@@ -78,6 +80,17 @@ class _LeafTracer(fx.Tracer):
         super().__init__()
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
+        self._depth = 0  # create_arg's recursion depth: 0 for the value a node (or the output) takes
+        self.top_value: Any = None  # the last top-level value given to create_arg: the forward's result
+
+    def create_arg(self, a: Any):
+        self._depth += 1
+        try:
+            return super().create_arg(a)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.top_value = a
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -233,9 +246,25 @@ def trace(
     graph, mode_note = training_graph({model.training: graph, not model.training: other}, model.training,
                                       type(model).__name__)
     _restore_argument_names(graph, fixed or {})
+    _restore_output_type(graph, type(tracer.top_value))
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     rewire_inplace(gm)
     return Traced(gm, tuple(leaves), mode_note)
+
+
+def _restore_output_type(graph: fx.Graph, cls: type) -> None:
+    """fx records a returned dict subclass (HF's ModelOutput dataclasses) as a plain dict; the
+    graph builds the model's own type again so that ``out.logits`` keeps working."""
+    if not (issubclass(cls, dict) and cls not in (dict, collections.OrderedDict, collections.defaultdict)
+            and dataclasses.is_dataclass(cls)):
+        return
+    out = graph.output_node()
+    fields = out.args[0]
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        return
+    with graph.inserting_before(out):
+        rebuilt = graph.call_function(cls, (), dict(fields))
+    out.args = (rebuilt,)
 
 
 # -- shapes ----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "SHAPE_QUERIES",
     "SHAPE_ONLY_OPERAND",
     "FROM_SHAPE",
+    "RANDOM",
     "data_inputs",
     "data_readers",
     "is_shape_query",
@@ -74,6 +75,11 @@ SHAPE_ONLY_OPERAND = frozenset({"expand_as", "view_as", "reshape_as", "type_as",
 # Ops that make a new tensor from their first operand's shape, dtype or device only: zeros_like(x), x.new_ones(n).
 FROM_SHAPE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
                         "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
+# Ops whose values are drawn at random (or left uninitialized): never a constant, whatever they read
+# (stochastic depth's x.new_empty(n, 1, 1, 1).bernoulli_(p) is not a gate to fold).
+RANDOM = frozenset({"bernoulli", "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "normal",
+                    "uniform", "exponential", "geometric", "log_normal", "cauchy", "random", "multinomial",
+                    "randperm", "empty", "empty_like", "new_empty", "native_dropout"})
 # Non-tensor queries of a tensor's shape: they carry no data of the tensor.
 SHAPE_QUERIES = frozenset({"size", "dim", "numel", "shape", "ndim", "ndimension", "device", "dtype"})
 
