@@ -13,7 +13,7 @@ and measure how constant their gates are over data (the paper's Stripe Observati
 from . import attention, checkpoint, models
 from .api import backbone, convert, find_attention, fuse, insert, report_of, stripe
 from .passes.fuse import Fold, FuseReport
-from .deploy.verify import verify
+from .deploy.verify import VerifyReport, verify
 from .passes.convert import ConvertedSite, ConvertReport
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .nn.gated_norm import GatedBatchNorm, GatedSyncBatchNorm, convert_sync_batchnorm
@@ -38,6 +38,7 @@ __all__ = [
     "checkpoint",
     "models",
     "verify",
+    "VerifyReport",
     "report_of",
     "backbone",
     "FuseReport",

@@ -295,7 +295,12 @@ def test_verify_checks_sizes_and_outputs():
     fused = asrfx.fuse(gm)
     backbone = copy.deepcopy(model)
     backbone.se = nn.Identity()
-    asrfx.verify(fused, gm, x, backbone=backbone)  # passes
+    report = asrfx.verify(fused, gm, x, backbone=backbone)  # passes, and says what it checked
+    assert isinstance(report, asrfx.VerifyReport) and report.invariants and report.outputs == 1
+    assert report.parameters == report.backbone == sum(p.numel() for p in backbone.parameters())
+    assert report.max_abs_error < 1e-10 and report.rtol == 1e-10
+    assert str(report).startswith("verify passed: fused-graph invariants") and "= the backbone's" in str(report)
+    assert asrfx.verify(fused).outputs == 0
     with pytest.raises(AsrfxError, match="parameters"):
         asrfx.verify(fused, backbone=model)
     with torch.no_grad():

@@ -168,3 +168,16 @@ def test_insert_without_convert_gives_the_attention_baseline():
     assert sorted(n for n, _ in later.named_parameters()) == sorted(n for n, _ in asr.named_parameters())
     assert count(plain) > count(model)
     assert count(asrfx.fuse(asrfx.convert(plain, (x,), keep=True).eval())) == count(plain)
+
+
+def test_where_choosing_a_layer_without_positions_names_it_and_says_why():
+    """where=lambda p, m: True also picks Flatten and the final Linear ([N, C], nothing to pool over):
+    the error names each of them and the reason, instead of a shape error from running the model."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(2, 3, 12, 12)
+    with pytest.raises(asrfx.AsrfxError, match=r"'4' \(Flatten\).*no spatial or token axis") as info:
+        asrfx.insert(model, "srm", x, where=lambda path, m: True)
+    assert "'5' (Linear)" in str(info.value) and "'1'" not in str(info.value)
+    gm = asrfx.insert(model, "srm", x, where=lambda path, m: isinstance(m, nn.BatchNorm2d))
+    assert [s.module_path for s in asrfx.report_of(gm).sites] == ["asr"]

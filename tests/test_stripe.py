@@ -333,3 +333,31 @@ def test_plots_without_matplotlib_say_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"asrfx\[plot\]"):
         stats.plot(tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, _text):
+        pass
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_progress_bar_is_drawn_only_on_a_terminal(monkeypatch, tty):
+    """A bar redrawn with carriage returns is noise in a log file: only a terminal gets one."""
+    pytest.importorskip("tqdm")
+    from asrfx.observe import stripe as stripe_module
+
+    monkeypatch.setattr(sys, "stderr", _Stream(tty))
+    batches = [torch.zeros(1)] * 3
+    shown = stripe_module._progress(batches, 3, True, "stripe")
+    assert (shown is not batches) is tty
+    assert list(shown) == batches
+    assert stripe_module._progress(batches, 3, False, "stripe") is batches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +15,29 @@ from ..passes.fuse import FuseReport
 from ..graph.capture import as_input_tuple, as_kwargs
 from ..graph.edit import params_and_buffers
 
-__all__ = ["verify"]
+__all__ = ["verify", "VerifyReport"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify` checked, all of which passed (a failed check raises instead)."""
+
+    invariants: bool  # the fused-graph invariants (no psi, no ASR node, no computed gate) were checked
+    tensors: int  # parameters and buffers checked to be finite
+    parameters: int  # the fused model's parameter count
+    backbone: int | None  # the backbone's parameter count it equals (None: not compared)
+    outputs: int  # output tensors compared with the reference (0: no reference given)
+    max_abs_error: float | None  # largest |fused - reference| over those outputs
+    rtol: float | None  # the relative tolerance used (the default of the first output's dtype if not given)
+
+    def __str__(self) -> str:
+        parts = ["fused-graph invariants" if self.invariants else "no fuse report (invariants not checked)",
+                 f"{self.tensors} tensor(s) finite",
+                 f"{self.parameters:,} parameters" + (" = the backbone's" if self.backbone is not None else "")]
+        if self.outputs:
+            parts.append(f"{self.outputs} output tensor(s) agree with the reference (max abs error "
+                         f"{self.max_abs_error:.3g}, rtol {self.rtol:g})")
+        return "verify passed: " + ", ".join(parts)
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -36,8 +59,10 @@ def verify(
     backbone: nn.Module | int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-) -> None:
+) -> VerifyReport:
     """Check a fused model: invariants, finite weights, optionally parameter count and outputs.
+    Returns a :class:`VerifyReport` of what was checked (print it); raises AsrfxError on the first
+    check that fails.
 
     ``backbone``: a module (or a parameter count) the fused model must match in size.
     ``reference`` + ``example_inputs`` (+ ``example_kwargs``): both are called as
@@ -46,10 +71,14 @@ def verify(
     1e-5 relative in float32, 1e-10 in float64). Raises AsrfxError saying what differs.
     """
     report = report_of(fused)
-    if isinstance(report, FuseReport):
+    invariants = isinstance(report, FuseReport)
+    if invariants:
         check_fused(fused)
+    tensors = 0
     for name, tensor in params_and_buffers(fused):
         _check_finite(tensor, f"the fused model's '{name}'")
+        tensors += 1
+    compared, max_error, used_rtol = 0, None, rtol
     if backbone is not None and _count(fused) != _count(backbone):
         raise AsrfxError(f"fused model has {_count(fused):,} parameters, the backbone {_count(backbone):,}")
     if reference is not None:
@@ -76,3 +105,8 @@ def verify(
             except AssertionError as exc:
                 raise AsrfxError(f"fused output {where} differs from the reference: "
                                  f"{str(exc).splitlines()[1:3]}") from exc
+            error = float((g.double() - w.double()).abs().max()) if w.numel() else 0.0
+            compared, max_error = compared + 1, max(error, max_error or 0.0)
+            used_rtol = r if used_rtol is None else used_rtol
+    return VerifyReport(invariants, tensors, _count(fused), None if backbone is None else _count(backbone),
+                        compared, max_error, used_rtol)

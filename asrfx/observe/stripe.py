@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,9 +238,17 @@ def total_batches(data: Any, max_batches: int | None) -> int | None:
     return n if max_batches is None else min(n, max_batches)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 def _progress(batches: Iterable, total: int | None, enabled: bool, desc: str) -> Iterable:
-    """tqdm when it is installed and wanted; the plain iterable otherwise."""
-    if not enabled:
+    """tqdm when it is installed, wanted and stderr is a terminal (a bar redrawn with carriage
+    returns only clutters a log file); the plain iterable otherwise."""
+    if not enabled or not _is_terminal(sys.stderr):
         return batches
     try:
         from tqdm.auto import tqdm

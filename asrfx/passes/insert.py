@@ -62,15 +62,23 @@ def _last_norm(node: fx.Node, modules, limit: int = 32) -> fx.Node | None:
     return None
 
 
-def _point(node: fx.Node, layouts, modules) -> InsertionPoint | None:
+def _point(node: fx.Node, layouts, modules) -> InsertionPoint | str:
+    """Where attention can go after ``node``, or why it cannot."""
     shape, lay, path = node_shape(node), layouts.get(node), _called_path(node, modules)
-    if shape is None or not isinstance(lay, tuple) or len(shape) < 2 or not path:
-        return None
+    if not path:
+        return "it is not the output of a module"
+    if shape is None:
+        return "its output is not a single tensor with a known shape"
+    if not isinstance(lay, tuple) or len(shape) < 2:
+        return f"the axes of its output {list(shape)} are unknown"
     if len(shape) == 3 and is_channel(lay[2]) and "S" in lay[1]:
         return InsertionPoint(node, path, shape[2], True, 0)
-    if is_channel(lay[1]):
+    if is_channel(lay[1]) and len(shape) > 2:
         return InsertionPoint(node, path, shape[1], False, len(shape) - 2)
-    return None
+    if is_channel(lay[1]):
+        return (f"its output {list(shape)} has no spatial or token axis (channel attention pools over "
+                "positions: it needs a feature map [N, C, *spatial] or tokens [N, L, C])")
+    return f"its output {list(shape)} has no channel axis"
 
 
 def _called_path(node: fx.Node, modules) -> str | None:
@@ -108,11 +116,25 @@ def insertion_points(gm: fx.GraphModule, layouts, where: Callable[[str, nn.Modul
                 chosen.append(norm)
         if not chosen:  # no residual blocks: after every BatchNorm
             chosen = [n for n in gm.graph.nodes if op_of(n, modules).name == "batch_norm" and _norm_path(n, modules)]
-    points = [p for n in chosen if (p := _point(n, layouts, modules)) is not None]
+    found = [(n, _point(n, layouts, modules)) for n in chosen]
+    refused = [(n, why) for n, why in found if isinstance(why, str)]
+    if where is not None and refused:
+        lines = "\n".join(f"    '{_called_path(n, modules) or n.name}' ({_kind(n, modules)}): {why}"
+                           for n, why in refused[:8])
+        more = f"\n    ... and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise AsrfxError(f"asrfx.insert: where= chose {len(refused)} place(s) where attention cannot go:\n"
+                         f"{lines}{more}\n  What to do: make where= return True only for layers whose output is a "
+                         "feature map or a token sequence, e.g. where=lambda path, m: isinstance(m, nn.BatchNorm2d)")
+    points = [p for _, p in found if not isinstance(p, str)]
     if not points:
         raise AsrfxError("asrfx.insert found no place to insert attention: no residual block ends in a "
                          "normalization layer and no BatchNorm was found; pass where=lambda path, module: ...")
     return points
+
+
+def _kind(node: fx.Node, modules) -> str:
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    return type(module).__name__ if module is not None else op_of(node, modules).name
 
 
 def _submodule(model: nn.Module | None, path: str | None) -> nn.Module | None:
