@@ -12,7 +12,7 @@ from torch import fx, nn
 import warnings
 
 from .passes.convert import ConvertReport, PsiInit, convert_sites
-from .passes.gate_in_layers import move_gates_into_batchnorm
+from .passes.gate_in_layers import move_gates_into_layers
 from .passes.fuse import fuse_graph
 from .passes.contract import attach_report, check_fused, report_of
 from .passes.detect import detect
@@ -67,6 +67,7 @@ def convert(
     calibrate_batches: int | None = None,
     inplace: bool = False,
     gate_in_norm: bool = True,
+    gate_in_consumers: bool = True,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
@@ -90,6 +91,9 @@ def convert(
             (training the result then trains the model's own parameters).
         gate_in_norm: apply a gate inside the BatchNorm that produced x when nothing else
             reads it (same math, no extra pass over the feature map).
+        gate_in_consumers: otherwise, apply it to the input-channel weights of the convs and
+            linear layers that read the gated tensor (``W * v`` instead of ``x * v``: same math,
+            a weight-sized multiply instead of a feature-map-sized one).
         leaf_modules, concrete_args: as for :func:`find_attention`.
 
     Returns a GraphModule; :func:`report_of` tells what was converted and why not.
@@ -127,7 +131,8 @@ def convert(
         ("rewrite", lambda g, st: st.update(report=convert_sites(
             g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=st["psi"])[1])),
         ("shapes", lambda g, st: propagate_shapes(g, inputs)),
-        ("gate_in_norm", lambda g, st: gate_in_norm and move_gates_into_batchnorm(g, st["report"])),
+        ("gate_in_layers", lambda g, st: (gate_in_norm or gate_in_consumers) and move_gates_into_layers(
+            g, st["report"], producers=gate_in_norm, consumers=gate_in_consumers)),
     ]
     state: dict[str, Any] = {}
     for _name, step in steps:

@@ -117,6 +117,16 @@ class Layer:
         _set_argument(self.node, index, which, getter)
 
 
+    def argument(self, which: str) -> Any:
+        """What a functional call passes for ``which`` ("weight", "bias" ...): a node, a constant, None."""
+        return argument(self.node, _signature(self.node, self.name)[which], which)
+
+    def pass_argument(self, which: str, value: fx.Node) -> None:
+        """Make a functional call read ``which`` from ``value``, a node computing it in the graph
+        (convert's training fast path: ``weight * gate``)."""
+        _set_argument(self.node, _signature(self.node, self.name)[which], which, value)
+
+
 def layer_of(node: fx.Node, index: LayerIndex) -> Layer | str:
     """The layer ``node`` calls, or the reason fuse cannot change its parameters."""
     op = op_of(node, index)

@@ -38,15 +38,16 @@ from ..algebra.fold import (
     scale_along,
     shift_along,
 )
-from ..graph.dataflow import ancestors
-from ..graph.edit import finish, rewire_inplace
+from ..graph.dataflow import ancestors, input_dependence
+from ..graph.edit import copy_meta, finish, rewire_inplace, unique_attr_name
 from ..graph.layers import LayerIndex, layer_of, set_parameter
 from .absorb import Plan, plan_consumers, plan_producer, value_sign
+from ..nn.gated_layers import WeightGated
 from ..nn.gated_norm import GatedBatchNorm
-from ..graph.ops import is_shape_query, module_path_of, node_shape, op_of
-from .contract import ConstantGate, constant_gates, role_of, site_of
+from ..graph.ops import argument, is_shape_query, module_path_of, node_shape, op_of
+from .contract import ASR_META, ConstantGate, Role, constant_gates, psi_dependent, role_of, site_of
 
-__all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes"]
+__all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes", "fold_psi_remainders"]
 
 
 @dataclass(frozen=True)
@@ -232,36 +233,154 @@ def _site_of(g: ConstantGate) -> str:
     return site_of(g.gate) or module_path_of(g.combine) or ""
 
 
-def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, report: FuseReport) -> None:
-    """GatedBatchNorm(y, v) with a constant v becomes a plain BatchNorm with gamma*v, beta*v; one
-    Fold per gate, naming every BatchNorm that took a share of it (branches of a sum, parts of a cat)."""
+def _fold_gated_layers(gm: fx.GraphModule, evaluator: ConstantEvaluator, report: FuseReport) -> None:
+    """Layers convert made apply a constant gate while training become plain layers with the gate in
+    their parameters: GatedBatchNorm(y, v) a BatchNorm with gamma*v, beta*v (producer side); a gated
+    conv or linear layer (:mod:`asrfx.nn.gated_layers`) the plain layer with its input-channel
+    weights scaled (consumer side). One Fold per gate, naming every layer that took a share of it
+    (branches of a sum, parts of a cat, the readers of the gated tensor)."""
     modules = dict(gm.named_modules())
-    gates: dict[fx.Node, tuple[str, list[str]]] = {}  # the gate's vector -> (site, BatchNorms)
+    gates: dict[tuple[fx.Node, str], tuple[str, list[str], set[str]]] = {}  # (vector, side) -> (site, layers, kinds)
     for node in list(gm.graph.nodes):
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(module, GatedBatchNorm) or len(node.args) < 2:
+        if not isinstance(module, (GatedBatchNorm, WeightGated)) or len(node.args) < 2:
             continue
         v = evaluator.value(node.args[1]).reshape(-1)
-        bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
-            len(node_shape(node) or (0, 0, 0, 0))]
-        like = next(iter(module.state_dict().values()), v)
-        bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                    device=v.device, dtype=v.dtype if v.is_floating_point() else like.dtype)
-        bn.load_state_dict(module.state_dict())
-        w, b = fold_output_affine(module.weight, module.bias, v)
-        if module.weight is not None:
-            set_parameter(bn, "weight", w)
-        set_parameter(bn, "bias", b)
-        bn.train(module.training)
         path = str(node.target)
+        if isinstance(module, WeightGated):
+            plain, side = module.folded(v), "consumers" if module.gate_side == "input" else "producer"
+        else:
+            plain, side = _plain_batchnorm(module, v, len(node_shape(node) or (0, 0, 0, 0))), "producer"
         parent, _, attr = path.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, bn)
-        vector = next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")
-        site = site_of(vector) or path
-        gates.setdefault(vector, (site, []))[1].append(path)
+        setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
+        vectors = [n for n in ancestors(node.args[1]) if role_of(n) == Role.GATE_VECTOR] or \
+            [next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")]
+        for vector in vectors:  # a layer that applied two gates (repeats) took a share of each
+            entry = gates.setdefault((vector, side), (site_of(vector) or path, [], set()))
+            entry[1].append(path)
+            entry[2].add(type(module).__name__)
         node.args = (node.args[0],)
-    for site, paths in gates.values():
-        report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
+    for (_, side), (site, paths, kinds) in gates.items():
+        if kinds == {"GatedBatchNorm"}:
+            report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
+        else:
+            what = "input-channel weights" if side == "consumers" else "affine parameters (output channels)"
+            report.folds.append(Fold(site, "mul", tuple(paths), side,
+                                     f"folded into the {what} of the layers that applied it while training"))
+
+
+def _plain_batchnorm(module: GatedBatchNorm, v: torch.Tensor, rank: int) -> nn.Module:
+    """The BatchNorm computing ``GatedBatchNorm(y, v)`` for a constant v (paper eq. 7)."""
+    bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    like = next(iter(module.state_dict().values()), v)
+    bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                device=v.device, dtype=v.dtype if v.is_floating_point() else like.dtype)
+    bn.load_state_dict(module.state_dict())
+    w, b = fold_output_affine(module.weight, module.bias, v)
+    if module.weight is not None:
+        set_parameter(bn, "weight", w)
+    set_parameter(bn, "bias", b)
+    bn.train(module.training)
+    return bn
+
+
+def fold_psi_remainders(gm: fx.GraphModule, report: FuseReport) -> None:
+    """What is left of a psi branch after the gates folded: each psi-derived value that a
+    data-reading call consumes (a gate convert applied inside a layer reaches the call as
+    ``weight * gate``: inlined by Dynamo or torch.export, or a functional call's weight) is
+    evaluated once. It goes into the parameter it was computed from when there is one such
+    parameter of its shape that nothing else reads (the parameter keeps its name: the graph
+    reads ``conv.weight`` again, as the backbone does); otherwise it becomes one stored constant."""
+    dependent = psi_dependent(gm)
+    if not dependent:
+        return
+    # shape reads count as data here: a psi value shaped by the batch (view(g, x.size(0), ...))
+    # must not be frozen at the example's batch size
+    reads_data = input_dependence(gm, shape_reads=True)
+    evaluator = ConstantEvaluator(gm)
+    modules = dict(gm.named_modules())
+    absorbed: dict[tuple[str, str, str], None] = {}  # (site, call, kind) in order, each reported once
+    bias_too: set[tuple[str, str, str]] = set()  # calls whose bias took the gate as well (output side)
+    for node in list(gm.graph.nodes):
+        if node not in dependent or reads_data[node] or node.op == "get_attr":
+            continue
+        users = [u for u in node.users if u not in dependent or reads_data[u]]
+        if not users:
+            continue
+        value = evaluator.value(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        const = _into_source_parameter(gm, node, value, dependent) or _stored_constant(gm, node, value)
+        site = _psi_site(node)
+        for user in users:
+            if argument(user, 2, "bias") is node:  # the gate reached the call's bias: its output side
+                bias_too.add((site, user.name, "bias"))
+            user.replace_input_with(node, const)
+            absorbed[(site, user.name, op_of(user, modules).name)] = None
+    for site, call, kind in absorbed:
+        if kind in ("conv", "linear", "conv_transpose") and (site, call, "bias") not in bias_too:
+            report.folds.append(Fold(site, "mul", (call,), "consumers",
+                                     "folded into the weight of the call that applied the gate"))
+        else:
+            report.folds.append(Fold(site, "gated_bn" if kind == "batch_norm" else "mul", (call,), "producer",
+                                     "folded into the affine parameters of the call that applied the gate"))
+    finish(gm)
+    drop_unused_attributes(gm)
+
+
+# Ops on the way from a layer's parameter to ``parameter * gate`` (a GatedBatchNorm or a gated conv
+# inlined by Dynamo or torch.export, convert's functional-call weights): the walk looks for the
+# parameter through these only, so the excitation's own parameters behind the gate are not taken.
+_ON_WEIGHT_PATH = frozenset({"mul", "reshape", "view", "flatten", "unsqueeze", "squeeze", "expand", "contiguous",
+                             "getitem", "pad", "clone", "to"})
+
+
+def _into_source_parameter(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor,
+                           dependent: set[fx.Node]) -> fx.Node | None:
+    """``node`` (``weight * gate``) computed from exactly one stored tensor of its shape, read nowhere
+    else: that tensor takes the value, and its get_attr stands for ``node``."""
+    sources, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n not in dependent:  # the parameter side: a stored tensor of the value's shape in there
+            sources.extend(a for a in ancestors(n) if a.op == "get_attr" and a not in sources
+                           and tuple(getattr(_attribute(gm, str(a.target)), "shape", ())) == tuple(value.shape))
+        elif n is node or op_of(n, {}).name in _ON_WEIGHT_PATH:
+            stack.extend(n.all_input_nodes)
+    if len(sources) != 1:
+        return None
+    source = sources[0]
+    inside = set(ancestors(node))
+    if len(gm.graph.find_nodes(op="get_attr", target=source.target)) != 1 or \
+            any(u not in inside for u in source.users):
+        return None
+    owner, _, attr = str(source.target).rpartition(".")
+    set_parameter(gm.get_submodule(owner) if owner else gm, attr, value)
+    return source
+
+
+def _stored_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> fx.Node:
+    attr = unique_attr_name(gm, "asr_constant")
+    # it stands for parameters (a BatchNorm's weight times the gate): it stays one
+    gm.register_parameter(attr, nn.Parameter(value.detach().clone(), requires_grad=False))
+    with gm.graph.inserting_before(node):
+        const = gm.graph.get_attr(attr)
+    copy_meta(node, const)
+    const.meta.pop(ASR_META, None)  # a constant now, not a psi
+    return const
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr, None)
+
+
+def _psi_site(node: fx.Node) -> str:
+    """The attention block of the psi a node is computed from."""
+    return next((site_of(n) for n in ancestors(node) if role_of(n) == Role.PSI), "") or ""
 
 
 def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> None:
@@ -280,7 +399,7 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
     report = FuseReport()
     rewire_inplace(gm)  # a GraphModule asrfx did not trace may read a tensor after writing into it
     evaluator = ConstantEvaluator(gm)
-    _fold_gated_batchnorms(gm, evaluator, report)
+    _fold_gated_layers(gm, evaluator, report)
     replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
     modules = LayerIndex(gm)  # folding changes parameters, never which modules the graph calls
     for g in constant_gates(gm):
@@ -311,6 +430,7 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
         report.folds.append(Fold(site, g.op, tuple(into), plan.side, f"folded into the {plan.side}{note}"))
     finish(gm)
     drop_unused_attributes(gm)
+    fold_psi_remainders(gm, report)
     return gm, report
 
 
