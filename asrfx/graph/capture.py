@@ -25,6 +25,8 @@ from torch.fx.node import map_aggregate
 
 from ..errors import TracingError
 from .edit import rewire_inplace
+from .flags import FlagProbe, probe_training_flags
+from .shapes import meta_run
 from ..passes.site import LeafRecord
 
 __all__ = ["Traced", "trace", "propagate_shapes", "as_input_tuple"]
@@ -100,12 +102,21 @@ def trace(
     leaf_paths = {p for p in leaf_modules if isinstance(p, str)}
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
     leaves: list[LeafRecord] = []
+    probe: FlagProbe | None = None
+    probing = True  # the first attempt records how the training flags are read (graph/flags.py)
     while True:
         tracer = _LeafTracer(set(leaf_paths), leaf_types)
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
+            if probing:
+                with probe_training_flags(model) as probe:
+                    graph = tracer.trace(model, concrete_args=concrete_args)
+            else:
+                graph = tracer.trace(model, concrete_args=concrete_args)
             break
         except Exception as exc:  # fx raises many types; we name the place and move on
+            if probing:  # maybe the probe's flags upset the model: the same attempt again, plainly
+                probe, probing = None, False
+                continue
             failing = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
             where = _user_frame(exc)
             if not failing or failing in leaf_paths or len(leaves) >= _MAX_LEAVES:
@@ -120,14 +131,15 @@ def trace(
             module_type = type(model.get_submodule(failing)).__name__
             leaf_paths.add(failing)
             leaves.append(LeafRecord(failing, module_type, _first_line(exc)))
-    graph, mode_note = _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args)
+    graph, mode_note = _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args, probe)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     rewire_inplace(gm)
     return Traced(gm, tuple(leaves), mode_note)
 
 
-def _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args) -> tuple[fx.Graph, str]:
+def _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args,
+                          probe: FlagProbe | None = None) -> tuple[fx.Graph, str]:
     """Make constants that torch.fx baked from ``self.training`` follow ``.train()/.eval()``.
 
     torch.fx evaluates ``self.training`` once, while tracing: a wrapped call such as
@@ -136,8 +148,20 @@ def _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args) -
     model is traced again in the other mode (flags restored after); where the graphs
     differ only in a bool that is True in train mode and False in eval mode, it becomes
     a read of the GraphModule's ``training`` flag. Returns a note when they differ in
-    structure (then the graph stays in the mode it was traced in).
+    structure (then the graph stays in the mode it was traced in). When the first trace was
+    probed and no flag was used as a truth value, flags passed as arguments become the read
+    of the flag directly, and the second trace is skipped.
     """
+    if probe is not None and probe.mode_free:
+        if FlagProbe.arguments(graph):
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                flag_node = graph.get_attr("training")
+            # a module in the model's mode follows the GraphModule's flag; one set apart keeps its mode
+            FlagProbe.replace(graph, lambda flag: flag_node if flag.value == model.training else flag.value)
+        return graph, ""
+    if probe is not None:
+        FlagProbe.materialize(graph)
     flags = {m: m.training for m in model.modules()}
     try:
         model.train(not model.training)
@@ -251,11 +275,22 @@ class _MetaRecorder(fx.Interpreter):
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Write ``tensor_meta`` onto every node of ``gm`` from ``example_inputs``.
 
-    Runs a copy in eval mode (train-mode BatchNorm rejects a batch of one 1x1
-    map and would update running statistics): first with fake tensors (no
-    compute), then for real if some op has no fake implementation.
+    Runs the graph in eval mode (train-mode BatchNorm rejects a batch of one 1x1
+    map and would update running statistics): on meta tensors (:mod:`asrfx.graph.shapes`:
+    no copy of the model, no compute), else on a fake-tensor copy, else for real on a copy.
     """
     inputs = as_input_tuple(example_inputs)
+    found = meta_run(gm, inputs)
+    metas, devices = found if found is not None else _fake_or_real_run(gm, inputs)
+    for node, meta, device in zip(gm.graph.nodes, metas, devices):
+        if meta is not None:
+            node.meta["tensor_meta"] = meta
+        if device is not None:
+            node.meta["device"] = device
+
+
+def _fake_or_real_run(gm: fx.GraphModule, inputs: tuple) -> tuple[list[Any], list[Any]]:
+    """Tensor metadata and devices per node: a fake-tensor copy in eval mode, else a real copy."""
     try:
         from torch._dynamo.utils import deepcopy_to_fake_tensor
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -278,8 +313,4 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
                 "  What to do: check that example_inputs match the model's forward "
                 "(a tensor or a tuple of positional inputs)."
             ) from exc
-    for node, meta, device in zip(gm.graph.nodes, recorder.metas, recorder.devices):
-        if meta is not None:
-            node.meta["tensor_meta"] = meta
-        if device is not None:
-            node.meta["device"] = device
+    return recorder.metas, recorder.devices
