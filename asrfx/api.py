@@ -13,7 +13,7 @@ import warnings
 
 from .passes.convert import ConvertReport, PsiInit, convert_sites
 from .passes.gate_in_layers import move_gates_into_layers
-from .passes.fuse import fuse_graph
+from .passes.fuse import PLACEMENTS, fuse_graph
 from .passes.contract import attach_report, check_fused, report_of
 from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
@@ -208,6 +208,7 @@ def fuse(
     *,
     inplace: bool = False,
     dynamic_shapes: Any = None,
+    placement: str = "producer",
 ) -> fx.GraphModule | torch.export.ExportedProgram:
     """Fold every constant (ASR) gate into the backbone, for deployment.
 
@@ -221,8 +222,18 @@ def fuse(
     result is then the exported program of the fused backbone, exported again from the
     program's example inputs (pass ``dynamic_shapes`` as for ``torch.export.export`` to
     keep dimensions dynamic). The recommended route is ``torch.export.export(fuse(gm), ...)``.
+
+    ``placement``: "producer" (default) folds each gate where the report says; "balanced" then
+    shares each gate folded into one producer layer with the convs and linear layers that read
+    it, so that both have equal per-channel weight ranges (cross-layer equalization: exact, the
+    same ops and parameter shapes), for INT8 quantization with per-tensor weight scales
+    (docs/performance.md, INT8).
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"fuse(placement=...) takes one of {PLACEMENTS}, got {placement!r}")
     if isinstance(gm, torch.export.ExportedProgram):
+        if placement != "producer":
+            raise TypeError("fuse(placement=...) applies to a GraphModule; fuse it, then export it")
         return _fuse_exported(gm, dynamic_shapes)
     if dynamic_shapes is not None:
         raise TypeError("fuse(dynamic_shapes=...) applies to an ExportedProgram only; "
@@ -240,7 +251,7 @@ def fuse(
         propagate_shapes(work, inputs)
     elif not _has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
-    work, report = fuse_graph(work)
+    work, report = fuse_graph(work, placement)
     check_fused(work)
     attach_report(work, report)
     return work

@@ -440,3 +440,48 @@ def test_functional_batchnorm_applies_the_gate_to_its_affine():
     assert sorted(fused.state_dict()) == sorted(k for k in model.state_dict() if not k.startswith("se."))
     with torch.no_grad():
         close(fused(x), slow.eval()(x))
+
+
+# -- fuse(placement="balanced"): gates shared between producer and consumers, for INT8 ------------
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(structures(), st.integers(0, 2**16))
+def test_balanced_placement_is_the_same_function(structure, seed):
+    """placement="balanced" computes what the default placement does (float64, 1e-10), with the
+    same parameter names and layer classes: the backbone, re-parameterized."""
+    model = randomize(Around(**structure), seed).double()
+    x = torch.randn(2, structure["c"], 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    gm = asrfx.convert(model, x, psi_init=lambda site, shape: torch.randn(shape, generator=gen,
+                                                                          dtype=torch.float64)).eval()
+    plain, balanced = asrfx.fuse(gm), asrfx.fuse(gm, placement="balanced")
+    assert list(balanced.state_dict()) == list(plain.state_dict())
+    assert [type(m) for m in balanced.modules()][1:] == [type(m) for m in plain.modules()][1:]
+    with torch.no_grad():
+        close(balanced(x), plain(x))
+
+
+def test_balanced_placement_equalizes_producer_and_consumer_ranges():
+    """conv -> BN -> ReLU -> SE -> conv: after balancing, channel i of the producer (conv row times
+    the BatchNorm's scale) and input column i of the consumer have the same largest |weight|."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          asrfx.attention.SE(8, reduction=2), nn.Conv2d(8, 4, 3, padding=1))
+    model = randomize(model, 8).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = asrfx.convert(model, x, psi_init=lambda site, shape: torch.randn(shape, dtype=torch.float64)).eval()
+    fused = asrfx.fuse(gm, placement="balanced")
+    (fold,) = asrfx.report_of(fused).folds
+    assert fold.into == ("1", "4") and "balanced" in fold.reason
+    conv, bn, out = fused.get_submodule("0"), fused.get_submodule("1"), fused.get_submodule("4")
+    r_p = conv.weight.abs().flatten(1).amax(1) * bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+    r_c = out.weight.abs().transpose(0, 1).flatten(1).amax(1)
+    torch.testing.assert_close(r_p, r_c)
+    with torch.no_grad():
+        close(fused(x), asrfx.fuse(gm)(x))
+
+
+def test_placement_is_checked():
+    gm = asrfx.convert(SiLUBlock(), torch.randn(2, 3, 6, 6)).eval()
+    with pytest.raises(ValueError, match="placement"):
+        asrfx.fuse(gm, placement="consumer")

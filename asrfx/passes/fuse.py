@@ -41,7 +41,7 @@ from ..algebra.fold import (
 from ..graph.dataflow import ancestors, input_dependence
 from ..graph.edit import copy_meta, finish, rewire_inplace, unique_attr_name
 from ..graph.layers import LayerIndex, layer_of, set_parameter
-from .absorb import Plan, plan_consumers, plan_producer, value_sign
+from .absorb import Plan, label_of, plan_consumers, plan_producer, value_sign
 from ..nn.gated_layers import WeightGated
 from ..nn.gated_norm import GatedBatchNorm
 from ..graph.ops import argument, is_shape_query, module_path_of, node_shape, op_of
@@ -394,8 +394,16 @@ def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> 
     g.combine.replace_input_with(g.operand, const)
 
 
-def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
-    """Fold every constant gate of ``gm`` (eval mode, nodes with shapes) in place."""
+PLACEMENTS = ("producer", "balanced")
+
+
+def fuse_graph(gm: fx.GraphModule, placement: str = "producer") -> tuple[fx.GraphModule, FuseReport]:
+    """Fold every constant gate of ``gm`` (eval mode, nodes with shapes) in place.
+
+    ``placement="balanced"``: after folding, each gate folded into one producer layer is shared
+    with the layers that read it (:func:`balance_folds`), for INT8 with per-tensor weight scales."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"fuse(placement=...) takes one of {PLACEMENTS}, got {placement!r}")
     report = FuseReport()
     rewire_inplace(gm)  # a GraphModule asrfx did not trace may read a tensor after writing into it
     evaluator = ConstantEvaluator(gm)
@@ -431,7 +439,75 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
     finish(gm)
     drop_unused_attributes(gm)
     fold_psi_remainders(gm, report)
+    if placement == "balanced":
+        balance_folds(gm, report)
     return gm, report
+
+
+def balance_folds(gm: fx.GraphModule, report: FuseReport) -> None:
+    """Share each producer-side fold with the layers that read the producer (cross-layer equalization).
+
+    A gate folded into a producer scales its output channels by v, which widens the spread of
+    its per-channel weight ranges: a per-tensor INT8 weight scale then fits the largest channels
+    and rounds the small ones coarsely (what hurt re-parameterized networks such as RepVGG).
+    Here each producer channel i is divided by ``s_i = sqrt(r_p_i / r_c_i)`` and every consumer's
+    input channel i multiplied by it (``r_p``: the range of the producer's channel, including a
+    conv right before a BatchNorm; ``r_c``: the largest range of the consumers' input columns),
+    so both become ``sqrt(r_p_i r_c_i)``. Exact: s > 0 passes ReLU and max pooling. Applies
+    where the gate went into one BatchNorm, conv or linear layer on axis 1 and the consumers
+    plan reaches only convs (groups 1) and linear layers; other folds stay as they are."""
+    modules = LayerIndex(gm)
+    calls = {label_of(n): n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+    for k, fold in enumerate(report.folds):
+        node = calls.get(fold.into[0]) if fold.where == "producer" and len(fold.into) == 1 else None
+        producer = layer_of(node, modules) if node is not None else None
+        if producer is None or isinstance(producer, str) or producer.weight is None or producer.computed:
+            continue
+        r_p = _producer_ranges(node, producer, modules)
+        plan = plan_consumers(node, 1, "mul", lambda start, stop: True, modules)
+        if r_p is None or not plan.ok:
+            continue
+        r_c = torch.zeros_like(r_p)
+        layers = []
+        for t in plan.targets:
+            layer = layer_of(t.node, modules)
+            if t.side != "input" or isinstance(layer, str) or layer.name not in ("conv", "linear") \
+                    or layer.groups != 1 or layer.weight is None or layer.computed:
+                break
+            columns = layer.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+            part = columns[t.span.offset: t.span.offset + t.span.stop - t.span.start]
+            r_c[t.span.start:t.span.stop] = torch.maximum(r_c[t.span.start:t.span.stop], part.to(r_c.dtype))
+            layers.append((t, layer))
+        else:
+            ok = (r_p > 0) & (r_c > 0)
+            scale = torch.where(ok, torch.sqrt(r_p / torch.where(ok, r_c, torch.ones_like(r_c))), torch.ones_like(r_p))
+            w, b = fold_output_affine(producer.weight, producer.bias, 1 / scale)
+            producer.set("weight", w)
+            if b is not None:
+                producer.set("bias", b)
+            for t, layer in layers:
+                part = embed(scale[t.span.start:t.span.stop], t.span.offset, t.width, 1.0)
+                layer.set("weight", fold_input_scale(layer.weight, part.to(layer.weight.dtype), layer.groups))
+            report.folds[k] = dataclasses.replace(
+                fold, into=fold.into + tuple(layer.label for _, layer in layers),
+                reason=fold.reason + "; balanced with its consumers (equal per-channel weight ranges, for INT8)")
+
+
+def _producer_ranges(node: fx.Node, layer, modules: LayerIndex) -> torch.Tensor | None:
+    """Per output channel, the largest |weight| the producer applies (a BatchNorm: its scale times the
+    rows of the conv or linear layer it alone normalizes); None when it has no such channels."""
+    with torch.no_grad():
+        if layer.name in ("conv", "linear"):
+            return layer.weight.detach().abs().flatten(1).amax(1)
+        if layer.name != "batch_norm" or layer.running_var is None:
+            return None
+        scale = layer.weight.detach().abs() / torch.sqrt(layer.running_var + layer.eps)
+        src = node.args[0] if node.args else None
+        before = layer_of(src, modules) if isinstance(src, fx.Node) and src.op != "placeholder" else None
+        if before is not None and not isinstance(before, str) and before.name in ("conv", "linear") \
+                and before.weight is not None and len(src.users) == 1:
+            return scale * before.weight.detach().abs().flatten(1).amax(1)
+        return scale
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> None:
