@@ -16,7 +16,7 @@ from .passes.fuse import Fold, FuseReport
 from .deploy.verify import verify
 from .passes.convert import ConvertedSite, ConvertReport
 from .errors import AsrfxError, AsrfxWarning, TracingError
-from .nn.gated_norm import GatedBatchNorm
+from .nn.gated_norm import GatedBatchNorm, GatedSyncBatchNorm, convert_sync_batchnorm
 from .passes.report import SiteTable
 from .observe.recorder import GateRecorder
 from .observe.stripe import SiteStripe, StripeStats
@@ -43,6 +43,8 @@ __all__ = [
     "ConvertReport",
     "ConvertedSite",
     "GatedBatchNorm",
+    "GatedSyncBatchNorm",
+    "convert_sync_batchnorm",
     "AsrfxWarning",
     "trace",
     "SiteTable",

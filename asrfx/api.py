@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,8 @@ from .passes.report import SiteTable
 from .passes.site import LeafRecord
 from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
 from .graph.capture import as_input_tuple, propagate_shapes, trace
+from .graph.state import ModuleState
+from .graph.wrappers import unwrap
 
 __all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe", "backbone"]
 
@@ -46,6 +49,7 @@ def find_attention(
     Returns a :class:`SiteTable` (a sequence of :class:`AttentionSite`). The model
     is not modified.
     """
+    model, _ = _unwrapped(model, "find_attention", rewrap=False)
     gm, leaves, _ = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
     found = detect(gm)
     return SiteTable(
@@ -113,6 +117,8 @@ def convert(
                         "an iterable of input batches (e.g. a few hundred training images)")
     if not calibrate and (data is not None or calibrate_batches is not None):
         raise TypeError("convert(data=..., calibrate_batches=...) are read only with psi_init='calibrate'")
+    model, wrapper_note = _unwrapped(model, "convert")
+    module_state = ModuleState.of(model)
     batches = None
     if calibrate:
         batches = input_batches(data, calibrate_batches)
@@ -139,6 +145,7 @@ def convert(
         step(gm, state)
     report: ConvertReport = state["report"]
     report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
+    report.notes.extend(n for n in (wrapper_note,) if n)
     if mode_note:
         report.notes.append(mode_note)
     if calibrate and report.sites:
@@ -150,7 +157,7 @@ def convert(
         report.notes.append(note)
         warnings.warn(note, AsrfxWarning, stacklevel=2)
     attach_report(gm, report)
-    gm.train(model.training)
+    module_state.apply(gm)  # the caller's frozen norms, dropout flags and requires_grad, by name
     return gm
 
 
@@ -188,6 +195,7 @@ def stripe(
     ``keep_rows`` samples of each, and a score (the gate's relative variation: 0 when the gate
     is the same vector for every input). ``stats.plot(path)`` draws Fig. 1a/1b.
     """
+    model, _ = _unwrapped(model, "stripe", rewrap=False)
     batches = input_batches(data, max_batches)
     first, batches = peek(batches)
     table = find_attention(model, first if example_inputs is None else example_inputs, leaf_modules=leaf_modules)
@@ -238,6 +246,7 @@ def fuse(
     if dynamic_shapes is not None:
         raise TypeError("fuse(dynamic_shapes=...) applies to an ExportedProgram only; "
                         "for a GraphModule, pass dynamic_shapes to torch.export.export(fuse(gm), ...)")
+    gm, _ = _unwrapped(gm, "fuse", rewrap=False)
     if gm.training or any(m.training for m in gm.modules()):
         raise AsrfxError(
             f"fuse folds BatchNorm statistics and gates as constants, so it needs an eval-mode model: "
@@ -251,7 +260,9 @@ def fuse(
         propagate_shapes(work, inputs)
     elif not _has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
+    state = ModuleState.of(work)
     work, report = fuse_graph(work, placement)
+    state.apply(work)  # requires_grad=False stays off on the folded parameters
     check_fused(work)
     attach_report(work, report)
     return work
@@ -299,9 +310,12 @@ def insert(
         attention = ATTENTION[attention]
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    model, wrapper_note = _unwrapped(model, "insert")
+    state = ModuleState.of(model)
     work = model if inplace else copy.deepcopy(model)
     gm, _, _ = _traced_with_shapes(work, example_inputs, (), None, require_inputs=True)
     points = insertion_points(gm, infer_layouts(gm), where)
+    device = next((t.device for t in itertools.chain(work.parameters(), work.buffers())), None)
 
     def factory(point):
         kwargs = dict(attention_kwargs)
@@ -309,18 +323,22 @@ def insert(
             kwargs["tokens"] = True
         elif point.dims != 2:
             kwargs["dims"] = point.dims
-        try:
-            return attention(point.channels, **kwargs)
+        meta = point.node.meta.get("tensor_meta")
+        dtype = meta.dtype if meta is not None and meta.dtype.is_floating_point else None
+        try:  # on the feature map's device and in its dtype (a float64 or GPU model)
+            return attention(point.channels, **kwargs).to(device=device, dtype=dtype)
         except TypeError as exc:
             raise AsrfxError(f"cannot build {getattr(attention, '__name__', attention)} for '{point.path}' "
                              f"({point.channels} channels, {'tokens' if point.tokens else f'{point.dims}-d maps'}): "
                              f"{exc}") from exc
 
     insert_modules(gm, points, factory, repeats)
-    gm.train(model.training)
+    state.apply(gm, new_modules=model.training)  # the inserted modules follow the model's mode
     if not convert:
         return gm
-    return _convert_fn(gm, example_inputs, psi_init=psi_init, inplace=True)
+    converted = _convert_fn(gm, example_inputs, psi_init=psi_init, inplace=True)
+    report_of(converted).notes.extend(n for n in (wrapper_note,) if n)
+    return converted
 
 
 def backbone(
@@ -346,6 +364,7 @@ def backbone(
     from .passes.detect import module_path_of
     from .graph.edit import set_module
 
+    model, _ = _unwrapped(model, "backbone", rewrap=False)
     plain = copy.deepcopy(model)
     for site in find_attention(model, example_inputs, leaf_modules=leaf_modules):
         path = site.module_path
@@ -388,6 +407,16 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     attach_report(fused.graph_module, report)
     return fused
+
+
+def _unwrapped(model, verb: str, rewrap: bool = True):
+    """The model inside a DataParallel / DDP / torch.compile wrapper, and a warning saying so."""
+    if not isinstance(model, nn.Module):
+        return model, ""
+    model, note = unwrap(model, verb, rewrap=rewrap)
+    if note:
+        warnings.warn(note, AsrfxWarning, stacklevel=3)
+    return model, note
 
 
 def _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args, require_inputs=False):

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-__all__ = ["randomize"]
+__all__ = ["randomize", "examples"]
+
+_SCALE = {"deep": 10}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 1)
+
+
+def examples(n: int) -> int:
+    """A property test's example budget: ``n`` in CI, ten times that in the ``deep`` profile (conftest.py)."""
+    return n * _SCALE
 
 
 def randomize(model: nn.Module, seed: int, *, scale: float = 0.4, mean_scale: float = 0.3) -> nn.Module:

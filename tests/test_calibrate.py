@@ -16,12 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import asrfx
 from asrfx import AsrfxError
 
-try:
-    from tests import zoo
-    from tests.helpers import randomize
-except ImportError:
-    import zoo
-    from helpers import randomize
+import zoo
+from helpers import randomize
 
 
 def _pool_means(model, paths: dict[str, str], batches) -> dict[str, torch.Tensor]:

@@ -29,10 +29,7 @@ import asrfx
 from asrfx import checkpoint
 from asrfx.cli import EXIT_FAILURE, EXIT_USAGE, main
 
-try:
-    from tests.helpers import randomize
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from helpers import randomize
+from helpers import randomize
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "torchvision:mobilenet_v3_small"

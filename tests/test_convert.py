@@ -20,12 +20,8 @@ from torch import nn
 import asrfx
 from asrfx import AsrfxWarning, GatedBatchNorm
 
-try:
-    from tests import zoo
-    from tests.helpers import randomize
-except ImportError:
-    import zoo
-    from helpers import randomize
+import zoo
+from helpers import randomize
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asrfx
 
-try:
-    from tests.test_detect_properties import networks
-except ImportError:
-    from test_detect_properties import networks
+from test_detect_properties import networks
+from helpers import examples
 
 
 def _placeholder_ancestor(node) -> bool:
@@ -26,7 +24,7 @@ def _placeholder_ancestor(node) -> bool:
     return False
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25))
 @given(networks(), st.booleans(), st.integers(1, 3), st.integers(1, 9), st.integers(1, 4), st.integers(1, 9))
 def test_convert_random_networks(net_expected, keep, batch, size, run_batch, run_size):
     """

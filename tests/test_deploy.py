@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import asrfx
 

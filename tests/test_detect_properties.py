@@ -20,12 +20,8 @@ from torch import nn
 
 import asrfx
 
-try:
-    from tests import zoo
-    from tests.helpers import randomize
-except ImportError:  # tests/ is not a package when pytest puts it on sys.path
-    import zoo
-    from helpers import randomize
+import zoo
+from helpers import randomize
 
 ATTENTION = {
     "se": [zoo.SELayer, zoo.SEInplace, zoo.SEConv],

@@ -168,7 +168,9 @@ class Producers(SEAfterBN):
         g = torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(y)))))
         out = y * g
         if self.tail == "shared":
-            out = out + y  # y is read unscaled too
+            out = out + F.relu(y)  # y is read unscaled too
+        elif self.tail == "residual_gate":
+            out = out + y  # y * g + y == y * (1 + g): one scale, folded into bn
         return out
 
 
@@ -179,6 +181,7 @@ class Producers(SEAfterBN):
         ("relu6", None, "relu6"),
         ("residual", None, "x is a sum"),
         ("shared", None, "also read unscaled"),
+        ("residual_gate", "bn", "BatchNorm2d 'bn'"),
     ],
 )
 def test_absorption_looks_through_relu_and_refuses_with_a_reason(tail, target, reason):

@@ -20,10 +20,7 @@ import torch.fx
 
 import asrfx
 
-try:
-    from tests.zoo import ALL_CASES, NEGATIVE_CASES, POSITIVE_CASES, ZooCase
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from zoo import ALL_CASES, NEGATIVE_CASES, POSITIVE_CASES, ZooCase
+from zoo import ALL_CASES, NEGATIVE_CASES, POSITIVE_CASES, ZooCase
 
 
 KNOWN_KINDS = {"se", "eca", "srm", "cbam_channel", "gc", "spa", "ie", "split", "other"}

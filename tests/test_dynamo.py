@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -30,14 +30,9 @@ import asrfx.dynamo as backend
 from asrfx.graph.edit import set_module
 from asrfx.graph.ops import op_of
 
-try:
-    from tests import zoo
-    from tests.helpers import randomize
-    from tests.test_detect_properties import networks
-except ImportError:
-    import zoo
-    from helpers import randomize
-    from test_detect_properties import networks
+import zoo
+from helpers import examples, randomize
+from test_detect_properties import networks
 
 
 def assert_equal_outputs(got, want):
@@ -256,7 +251,7 @@ def test_inductor_compiles_the_fused_graph(inner_options):
     assert report.folded and report.inner == "inductor" and len(report.fuse.folds) == 2
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(12))
 @given(networks(), st.integers(0, 2**16), st.integers(1, 3), st.integers(2, 9))
 def test_random_networks_compile_to_their_backbone(net_expected, seed, batch, size):
     """

@@ -10,10 +10,7 @@ import asrfx
 from asrfx.passes.absorb import label_of
 from helpers import randomize
 
-try:
-    from tests.zoo import POSITIVE_CASES
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from zoo import POSITIVE_CASES
+from zoo import POSITIVE_CASES
 
 
 def _label(node) -> str:

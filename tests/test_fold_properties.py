@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import asrfx
 from asrfx.graph.ops import op_of
-from helpers import randomize
+from helpers import examples, randomize
 
 
 class Around(nn.Module):
@@ -89,7 +89,7 @@ def structures(draw):
                 pieces=draw(st.integers(2, 3)))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40))
 @given(structures(), st.integers(0, 2**16), st.integers(1, 3), st.integers(1, 7))
 @example(dict(before="sum", branches=("conv_bn", "conv_bn", "bn"), act="relu", after="conv", gate="sigmoid",
               c=3, pieces=2), 0, 2, 5)  # RepVGG: folds into the three BatchNorms

@@ -363,3 +363,50 @@ def test_a_kept_gate_is_never_called_the_plain_backbone():
     verdict = report.verdict(_params(fused), backbone)
     assert verdict.startswith("not the plain backbone") and "1 gate(s) kept" in verdict and "pads" in verdict
     assert report.verdict(_params(fused) + 1, backbone).count("parameters") == 1
+
+
+class ResidualSE(nn.Module):
+    """x + SE(x) (a residual gate, PP-OCR's RSE): x * (1 + g) folds into the conv that made x."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.se = SE(6)
+        self.head = nn.Conv2d(6, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.head(x + self.se(x))
+
+
+def test_a_residual_gate_folds_as_one_plus_the_gate():
+    x = torch.randn(2, 3, 6, 6)
+    (site,) = asrfx.find_attention(ResidualSE(), x)
+    assert site.absorption.side == "producer" and [t.target for t in site.absorption.targets] == ["conv"]
+    _, fused, report = _fused(ResidualSE(), x)
+    (fold,) = report.folds
+    assert fold.where == "producer" and fold.into == ("conv",), str(report)
+    assert _muls(fused) == 0 and not any(op_of(n, {}).name == "add" for n in fused.graph.nodes)
+
+
+class ShapeListSE(nn.Module):
+    """MONAI's ChannelSELayer: the gate's view shape is list arithmetic on x's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6))
+        self.fc = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 6), nn.Sigmoid())
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c = x.shape[:2]
+        y = F.adaptive_avg_pool2d(x, 1).view(b, c)
+        return x * self.fc(y).view([b, c] + [1] * (x.ndim - 2))
+
+
+def test_a_gate_shaped_by_list_arithmetic_converts_with_batch_one():
+    gm, _, report = _fused(ShapeListSE(), torch.randn(3, 3, 5, 5))
+    (fold,) = report.folds
+    assert fold.where == "producer" and fold.into == ("conv.1",)
+    with torch.no_grad():  # the psi branch does not depend on the batch size
+        gm(torch.randn(1, 3, 5, 5, dtype=torch.float64))

@@ -15,12 +15,8 @@ import asrfx
 from asrfx import AsrfxError
 from asrfx.graph.ops import op_of
 
-try:
-    from tests import zoo
-    from tests.helpers import randomize
-except ImportError:
-    import zoo
-    from helpers import randomize
+import zoo
+from helpers import randomize
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,26 +5,23 @@ from __future__ import annotations
 import copy
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import asrfx
 from asrfx.graph.edit import set_module
 
-try:
-    from tests import zoo
-    from tests.test_detect_properties import networks
-except ImportError:
-    import zoo
-    from test_detect_properties import networks
+import zoo
+from test_detect_properties import networks
+from helpers import examples
 
 
 def kind_of(expected, path):
     return next(kind for p, kind, _ in expected if p == path)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(30))
 @given(networks(), st.integers(0, 2**16), st.integers(1, 3), st.integers(1, 9))
 def test_fuse_random_networks(net_expected, seed, batch, size):
     """

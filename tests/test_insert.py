@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import asrfx
 from asrfx.attention import ATTENTION
+from helpers import examples
 
 count = lambda m: sum(p.numel() for p in m.parameters())
 
@@ -94,7 +95,7 @@ class SmallResNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(20))
 @given(st.sampled_from(sorted(ATTENTION)), st.sampled_from(["default", "every_bn", "first_block"]),
        st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
 def test_kind_placement_repeats(kind, placement, repeats, blocks, seed):

@@ -22,12 +22,8 @@ import asrfx
 from asrfx import AsrfxError
 from asrfx.observe.moments import RunningMoments, relative_variation
 
-try:
-    from tests import zoo
-    from tests.helpers import randomize
-except ImportError:
-    import zoo
-    from helpers import randomize
+import zoo
+from helpers import randomize
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # small zoo models, one per kind family, that run in milliseconds

@@ -11,10 +11,7 @@ from torch import nn
 import asrfx
 from asrfx.data import fashion_mnist_available, load_fashion_mnist
 
-try:
-    from tests import zoo
-except ImportError:
-    import zoo
+import zoo
 
 
 class SmallSENet(nn.Module):

@@ -4,9 +4,16 @@ Each function returns new tensors and leaves its arguments alone. ``scale`` and
 ``shift`` are per-channel vectors of length C; the layer computes ``y = f(x)`` and the
 fold makes it compute ``y * scale + shift`` (output side) or ``f(x * scale + shift)``
 (input side).
+
+Folds are computed in float64 and each result is cast back to the dtype of the parameter
+it replaces (:func:`_in_float64`): a bfloat16 or float16 model is rounded once per fold,
+not once per operation.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 
@@ -24,6 +31,31 @@ __all__ = [
 ]
 
 
+def _in_float64(*results: tuple[str, ...]):
+    """Run the decorated fold on float64 copies of its floating-point arguments and cast result i
+    to the dtype of the first argument named in ``results[i]`` that is a tensor (the parameter it
+    replaces; for a created bias, the weight's)."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            dtypes = [next((bound[n].dtype for n in names if isinstance(bound.get(n), torch.Tensor)), None)
+                      for names in results]
+            wide = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in bound.items()}
+            out = fn(**wide)
+            outs = out if isinstance(out, tuple) else (out,)
+            outs = tuple(o.to(d) if isinstance(o, torch.Tensor) and d is not None else o for o, d in zip(outs, dtypes))
+            return outs if isinstance(out, tuple) else outs[0]
+
+        return run
+
+    return wrap
+
+
 def embed(part: torch.Tensor, offset: int, width: int, neutral: float) -> torch.Tensor:
     """A length-``width`` vector holding ``part`` at ``offset`` and ``neutral`` (1 for a scale, 0 for a
     shift) elsewhere: the gate as seen by a layer that also carries channels the gate does not touch
@@ -35,6 +67,7 @@ def embed(part: torch.Tensor, offset: int, width: int, neutral: float) -> torch.
     return full
 
 
+@_in_float64(("weight",), ("bias", "weight", "shift"))
 def fold_output_affine(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -56,6 +89,7 @@ def fold_output_affine(
     return weight, bias
 
 
+@_in_float64(("weight",), ("bias", "weight"))
 def fold_conv_transpose_output_affine(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -74,6 +108,7 @@ def fold_conv_transpose_output_affine(
     return weight, bias
 
 
+@_in_float64(("weight",))
 def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A consumer conv/linear reading ``x * s``: scale its input-channel slices.
 
@@ -87,12 +122,14 @@ def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1)
     return (w * s).reshape(weight.shape)
 
 
+@_in_float64(("weight",))
 def fold_conv_transpose_input_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A ConvTranspose reading ``x * s``: its weight is [C_in, C_out / groups, *k], input channel c
     is row c whatever the groups."""
     return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
 
 
+@_in_float64(("bias", "weight"))
 def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor,
                      groups: int = 1) -> torch.Tensor:
     """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window lies
@@ -105,6 +142,7 @@ def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: tor
     return extra if bias is None else bias + extra
 
 
+@_in_float64(("bias",))
 def fold_shift_through_batchnorm(
     bias: torch.Tensor, weight: torch.Tensor | None, running_var: torch.Tensor, eps: float, shift: torch.Tensor
 ) -> torch.Tensor:
@@ -113,6 +151,7 @@ def fold_shift_through_batchnorm(
     return bias + shift * gamma / torch.sqrt(running_var + eps)
 
 
+@_in_float64(("running_mean",), ("weight",), ("bias",))
 def fold_scale_into_batchnorm_input(
     running_mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_var: torch.Tensor, eps: float,
     scale: torch.Tensor,
@@ -131,6 +170,7 @@ def fold_scale_into_batchnorm_input(
     return mean, weight * scale, new_bias
 
 
+@_in_float64(("tensor",))
 def scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
     """``tensor`` with its slices along ``axis`` multiplied by ``scale`` (a parameter inside a
     weight's computation, a layer scale): ``(t * g) * v == t * (g * v)``."""
@@ -139,6 +179,7 @@ def scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.T
     return tensor * scale.reshape(shape)
 
 
+@_in_float64(("tensor",))
 def shift_along(tensor: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
     """``tensor`` with ``shift`` added along ``axis`` (a bias added in the graph: ``(x + b) + c``)."""
     shape = [1] * tensor.dim()

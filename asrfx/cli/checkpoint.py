@@ -22,14 +22,25 @@ What a file can hold:
 * a **torch.export program** (``asrfx fuse -o deployed.pt2``): loaded only with
   ``trust_pickle=True``, because ``torch.export.load`` unpickles parts of it;
 * with ``trust_pickle=True`` only: a pickled ``nn.Module``.
+
+Every malformed file (damaged or truncated archive, a recipe edited to negative or
+absurd sizes, tensors of the wrong shape) raises :class:`CheckpointError` with one line
+saying what is wrong. Files are written to a temporary file in the same folder, flushed to
+disk, then renamed over the target: a process killed while saving leaves the previous
+file intact, never a half-written one under the target's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import os
 import re
+import secrets
 import warnings
 import zipfile
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +55,15 @@ from .specs import build_model, default_input_shape, parse_spec
 __all__ = ["FORMAT_ASR", "FORMAT_FUSED", "CheckpointError", "UnsafeFileError", "ArchitectureNeededError",
            "Recipe", "Loaded",
            "example_input", "read_file", "load", "load_weights", "apply_recipe", "save_asr", "save_fused",
-           "save_export"]
+           "save_export", "input_shape_problem", "MAX_INPUT_ELEMENTS", "MAX_REPEATS", "MAX_CLASSES"]
 
 FORMAT_ASR = "asrfx.asr/1"
 FORMAT_FUSED = "asrfx.fused/1"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts nest it
+# Limits on what a recipe may ask to build: a file edited to absurd sizes is refused, not allocated.
+MAX_INPUT_ELEMENTS = 2**26  # example input elements (256 MB in float32; 1x3x4096x4096 is 50M)
+MAX_REPEATS = 16  # attention modules in a row at one place (the paper's delta is 1 to 4)
+MAX_CLASSES = 100_000  # num_classes (ImageNet-21k has 21,841)
 
 
 class CheckpointError(AsrfxError):
@@ -89,15 +104,54 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> Recipe:
         try:
-            recipe = cls(model=data["model"], input_shape=tuple(int(s) for s in data["input_shape"]),
+            shape = data["input_shape"]
+            if not isinstance(shape, (list, tuple)) or not all(_is_int(s) for s in shape):
+                raise TypeError(f"input_shape must be a list of integers, got {shape!r}")
+            recipe = cls(model=data["model"], input_shape=tuple(shape),
                          method=data.get("method", "convert"), options=dict(data.get("options", {})),
                          model_kwargs=dict(data.get("model_kwargs", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where} is an asrfx checkpoint with a broken recipe ({type(exc).__name__}: "
                                   f"{exc}); re-create it with asrfx convert") from exc
-        if recipe.method not in ("convert", "insert"):
-            raise CheckpointError(f"{where}: unknown method {recipe.method!r} in the recipe")
+        problem = recipe.problem()
+        if problem:
+            raise CheckpointError(f"{where} has a recipe asrfx cannot rebuild: {problem} (was the file edited?); "
+                                  "re-create it with asrfx convert")
         return recipe
+
+    def problem(self) -> str | None:
+        """What makes this recipe unbuildable or unsafe to build, or None."""
+        from ..nn.attention import ATTENTION
+
+        if self.model is not None and not isinstance(self.model, str):
+            return f"model spec {self.model!r} is not a string"
+        if self.method not in ("convert", "insert"):
+            return f"unknown method {self.method!r} (convert or insert)"
+        shape = input_shape_problem(self.input_shape)
+        if shape:
+            return f"input_shape {list(self.input_shape)}: {shape}"
+        unknown = sorted(set(self.model_kwargs) - {"num_classes"})
+        if unknown:
+            return f"builder argument(s) {unknown}: asrfx writes only num_classes"
+        classes = self.model_kwargs.get("num_classes", 1)
+        if not _is_int(classes) or not 1 <= classes <= MAX_CLASSES:
+            return f"num_classes {classes!r} is not an integer in [1, {MAX_CLASSES:,}]"
+        known = {"convert": {"keep", "psi_init"}, "insert": {"attention", "repeats", "psi_init"}}[self.method]
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            return f"{self.method} option(s) {unknown} unknown (expected {sorted(known)})"
+        psi = self.options.get("psi_init", 0.1)
+        if not isinstance(psi, (int, float)) or isinstance(psi, bool) or not math.isfinite(psi):
+            return f"psi_init {psi!r} is not a finite number"
+        if self.method == "convert" and not isinstance(self.options.get("keep", False), bool):
+            return f"keep {self.options['keep']!r} is not true or false"
+        if self.method == "insert":
+            if self.options.get("attention") not in ATTENTION:
+                return f"attention {self.options.get('attention')!r} is not one of {sorted(ATTENTION)}"
+            repeats = self.options.get("repeats", 1)
+            if not _is_int(repeats) or not 1 <= repeats <= MAX_REPEATS:
+                return f"repeats {repeats!r} is not an integer in [1, {MAX_REPEATS}]"
+        return None
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.input_shape))
@@ -107,6 +161,21 @@ class Recipe:
             how = "keep mode (ASR(k) + k)" if self.options.get("keep") else "replace mode"
         kwargs = "".join(f", {k}={v}" for k, v in self.model_kwargs.items())
         return f"{self.model or 'pickled module'}{kwargs}, input {shape}, {how}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def input_shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why ``shape`` cannot be an example input (sizes not positive, too many elements), or None."""
+    if not shape or len(shape) > 8:
+        return "expected 1 to 8 sizes"
+    if any(not _is_int(s) or s < 1 for s in shape):
+        return "sizes must be positive integers"
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        return f"{math.prod(shape):,} elements, more than the {MAX_INPUT_ELEMENTS:,} asrfx allocates for an example"
+    return None
 
 
 @dataclass
@@ -121,6 +190,7 @@ class Loaded:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     recipe: Recipe | None = None
     asr_state_dict: dict[str, torch.Tensor] | None = None  # fused checkpoints: the weights fuse started from
+    extra: dict[str, Any] | None = None  # asr checkpoints: training state saved alongside (save_asr(extra=...))
 
     def example(self, batch: int | None = None) -> torch.Tensor:
         return example_input(self.input_shape, batch)
@@ -132,8 +202,12 @@ class Loaded:
 def _is_export_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} is a damaged zip archive (truncated or corrupted: {exc}); "
+                              "use an intact copy of the file") from None
     return any(n.endswith("/archive_format") for n in names) and not any(n.endswith("/data.pkl") for n in names)
 
 
@@ -179,13 +253,23 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _check_named_tensors(state_dict: Mapping[Any, Any], what: str) -> None:
+    bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} entry(ies) are not named tensors "
+                              f"(e.g. {bad[0]!r}: {type(state_dict[bad[0]]).__name__})")
+
+
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)``, with a one-line summary of any mismatch."""
+    _check_named_tensors(state_dict, f"the weights in {what}")
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or wrong:
+    kinds = [k for k in own if k in state_dict and k not in wrong
+             and own[k].is_floating_point() != state_dict[k].is_floating_point()]
+    if missing or unexpected or wrong or kinds:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
@@ -195,6 +279,10 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
             k = wrong[0]
             parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k}: file {tuple(state_dict[k].shape)}, "
                          f"model {tuple(own[k].shape)})")
+        if kinds:
+            k = kinds[0]
+            parts.append(f"{len(kinds)} dtype mismatch(es) (e.g. {k}: file {state_dict[k].dtype}, "
+                         f"model {own[k].dtype})")
         raise CheckpointError(f"the weights in {what}: " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
 
@@ -227,7 +315,14 @@ def _architecture(recipe: Recipe, ckpt: Mapping[str, Any], where: str) -> nn.Mod
 
 
 def _rebuild_asr(recipe: Recipe, state_dict: Mapping[str, torch.Tensor], ckpt, where: str) -> fx.GraphModule:
-    gm = apply_recipe(_architecture(recipe, ckpt, where), recipe)
+    try:
+        gm = apply_recipe(_architecture(recipe, ckpt, where), recipe)
+    except AsrfxError:
+        raise
+    except Exception as exc:  # a recipe that passed the checks and still fails names the file, in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{where}: rebuilding {recipe.describe()} failed ({type(exc).__name__}: {first}); "
+                              "the file may be damaged or edited, re-create it with asrfx convert") from exc
     load_weights(gm, state_dict, f"{where} do not fit its recipe ({recipe.describe()})")
     return gm
 
@@ -247,9 +342,14 @@ def _from_asrfx(ckpt: Mapping[str, Any], where: str, input_shape) -> Loaded:
     if missing:
         raise CheckpointError(f"{where} is an {fmt} checkpoint without {' and '.join(missing)}; "
                               "re-create it with asrfx convert / fuse")
+    for key in needed:  # before anything is built
+        _check_named_tensors(ckpt[key], f"the weights in {where} ('{key}')")
     if fmt == FORMAT_ASR:
+        extra = ckpt.get("extra")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise CheckpointError(f"{where}: its training state ('extra') is a {type(extra).__name__}, not a dict")
         gm = _rebuild_asr(recipe, ckpt["state_dict"], ckpt, where)
-        return Loaded(gm, "asr", **common)
+        return Loaded(gm, "asr", extra=None if extra is None else dict(extra), **common)
     from ..api import fuse
 
     asr = _rebuild_asr(recipe, ckpt["asr_state_dict"], ckpt, where).eval()
@@ -273,6 +373,9 @@ def load(
     or the model's own size).
     """
     kwargs = dict(model_kwargs or {})
+    problem = input_shape_problem(tuple(input_shape)) if input_shape is not None else None
+    if problem:
+        raise CheckpointError(f"input shape {list(input_shape)}: {problem}")
     if path is None:
         if model is None:
             raise CheckpointError("give a checkpoint file or a model spec (--model torchvision:resnet50)")
@@ -310,23 +413,62 @@ def load(
 # -- writing --------------------------------------------------------------------------------
 
 
-def save_asr(path: str | Path, gm: nn.Module, recipe: Recipe, module: nn.Module | None = None) -> None:
-    """Write an asrfx.asr/1 checkpoint. ``module``: the architecture, when there is no spec
-    (it is pickled into the file, which then needs trust_pickle to load)."""
+def _atomic_write(path: str | Path, write: Callable[[Any], Any]) -> Any:
+    """``write(file)`` into a temporary file next to ``path``, flushed to disk, then renamed over
+    ``path``: whoever reads ``path`` sees the old file or the complete new one. Returns what
+    ``write`` returns."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # "x": a new file, created with the usual permissions
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return result
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    problem = recipe.problem()
+    if problem:
+        raise CheckpointError(f"cannot save a checkpoint whose recipe could not be rebuilt: {problem}")
+
+
+def save_asr(path: str | Path, gm: nn.Module, recipe: Recipe, module: nn.Module | None = None, *,
+             extra: Mapping[str, Any] | None = None) -> None:
+    """Write an asrfx.asr/1 checkpoint, atomically. ``module``: the architecture, when there is no
+    spec (it is pickled into the file, which then needs trust_pickle to load). ``extra``: training
+    state to resume from (plain data: an optimizer's state_dict, the step, ...), returned by
+    :func:`load` as ``Loaded.extra``."""
+    _check_recipe(recipe)
     data = {"format": FORMAT_ASR, **recipe.to_dict(), "state_dict": gm.state_dict()}
+    if extra is not None:
+        data["extra"] = dict(extra)
     if recipe.model is None:
         data["module"] = module
-    torch.save(data, path)
+    _atomic_write(path, lambda f: torch.save(data, f))
 
 
 def save_fused(path: str | Path, fused: nn.Module, asr_state_dict: Mapping[str, torch.Tensor], recipe: Recipe,
                module: nn.Module | None = None) -> None:
-    """Write an asrfx.fused/1 checkpoint: recipe, the ASR weights fuse started from, fused weights."""
+    """Write an asrfx.fused/1 checkpoint, atomically: recipe, the ASR weights fuse started from,
+    fused weights."""
+    _check_recipe(recipe)
     data = {"format": FORMAT_FUSED, **recipe.to_dict(), "asr_state_dict": dict(asr_state_dict),
             "state_dict": fused.state_dict()}
     if recipe.model is None:
         data["module"] = module
-    torch.save(data, path)
+    _atomic_write(path, lambda f: torch.save(data, f))
 
 
 def save_export(path: str | Path, fused: nn.Module, input_shape: tuple[int, ...]) -> str:
@@ -341,5 +483,5 @@ def save_export(path: str | Path, fused: nn.Module, input_shape: tuple[int, ...]
     except Exception:
         program = torch.export.export(fused, (example_input(input_shape),))
         note = f"input {list(input_shape)} (the model fixes its batch size)"
-    torch.export.save(program, str(path))
+    _atomic_write(path, lambda f: torch.export.save(program, f))
     return note

@@ -69,6 +69,11 @@ def _input_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(f"--input-shape takes positive sizes like 1,3,224,224, got {text!r}")
+    from .checkpoint import input_shape_problem
+
+    problem = input_shape_problem(shape)
+    if problem:
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: {problem}")
     return shape
 
 
@@ -81,14 +86,20 @@ def _spec(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0 or (most is not None and value > most):
+        limit = f" up to {most:,}" if most is not None else ""
+        raise argparse.ArgumentTypeError(f"expected a positive integer{limit}, got {text!r}")
     return value
+
+
+def _at_most(most: int):
+    """A positive-integer argument type with an upper bound (what a checkpoint recipe may hold)."""
+    return lambda text: _positive_int(text, most)
 
 
 def _finite_float(text: str) -> float:
@@ -107,6 +118,7 @@ def _finite_float(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..nn.attention import ATTENTION
+    from .checkpoint import MAX_CLASSES, MAX_REPEATS
 
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -119,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--model", "-m", type=_spec, metavar="SPEC",
                        help="the architecture: torchvision:<name>, timm:<name> or asrfx:<name> "
                             "(random weights unless FILE holds a state_dict for it)")
-    group.add_argument("--num-classes", type=_positive_int, metavar="N",
+    group.add_argument("--num-classes", type=_at_most(MAX_CLASSES), metavar="N",
                        help="classifier size passed to the model builder (for state_dicts trained on other data)")
     group.add_argument("--input-shape", type=_input_shape, metavar="SHAPE",
                        help="example input, e.g. 1,3,224,224 (default: the model's own size: timm's config, "
@@ -154,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="keep the original attention and add a psi-driven copy before it (ASR(k) + k)")
     mode.add_argument("--insert", choices=sorted(ATTENTION), metavar="ATTENTION",
                       help=f"add attention to a plain backbone instead ({', '.join(sorted(ATTENTION))})")
-    convert.add_argument("--repeats", type=_positive_int, default=1, metavar="N",
+    convert.add_argument("--repeats", type=_at_most(MAX_REPEATS), default=1, metavar="N",
                          help="with --insert: modules in a row at each place (the paper's delta)")
     convert.add_argument("--psi-init", type=_finite_float, default=0.1, metavar="FLOAT",
                          help="initial value of psi (default 0.1, the paper's C_0.1)")

@@ -46,7 +46,8 @@ class Traced:
 class _LeafTracer(fx.Tracer):
     """fx.Tracer that also keeps the given module paths and types as leaves."""
 
-    def __init__(self, leaf_paths: set[str], leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = ()):
+        # defaults: unpickling a GraphModule (torch.save(gm), spawn) re-creates its tracer with no arguments
         super().__init__()
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
@@ -117,7 +118,8 @@ def trace(
             if probing:  # maybe the probe's flags upset the model: the same attempt again, plainly
                 probe, probing = None, False
                 continue
-            failing = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
+            # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
+            failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
             where = _user_frame(exc)
             if not failing or failing in leaf_paths or len(leaves) >= _MAX_LEAVES:
                 scope = f"module '{failing}'" if failing else f"the forward of {type(model).__name__}"

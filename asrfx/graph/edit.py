@@ -150,6 +150,12 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
     tuples: dict[fx.Node, tuple[fx.Node, int]] = {}  # shape tuple -> (tensor, first axis): x.shape[1:]
     for node in gm.graph.nodes:
         op = op_of(node, modules)
+        rank_of = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+        if rank_of is not None and hasattr(rank_of, "shape") and (
+                (node.op == "call_function" and node.target is getattr and node.args[1] == "ndim")
+                or (node.op == "call_method" and node.target in ("dim", "ndimension"))):
+            found[node] = len(rank_of.shape)  # the rank is fixed by the architecture
+            continue
         if node.op == "call_method" and op.name == "size" and node.args:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if isinstance(dim, int) and isinstance(node.args[0], fx.Node):

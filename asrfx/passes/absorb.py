@@ -726,6 +726,18 @@ def plan_consumers(gated: fx.Node, axes: Axes_, op: str, sign: Sign, modules: La
     return Plan("consumers", tuple(found), "")
 
 
+def residual_add(x: fx.Node, combine: fx.Node, modules) -> fx.Node | None:
+    """``x + x * g`` (a residual gate, ``x * (1 + g)``): the add, when it alone reads ``x * g``
+    and its other operand is x itself."""
+    readers = data_readers(combine, modules)
+    if op_of(combine, modules).name != "mul" or len(readers) != 1:
+        return None
+    add = readers[0]
+    if op_of(add, modules).name != "add" or len(add.args) < 2 or add.kwargs:
+        return None
+    return add if {add.args[0], add.args[1]} == {x, combine} else None
+
+
 def static_sign(gate: fx.Node, modules) -> Sign:
     """What the graph says of a gate's sign: non-negative when its last op is (sigmoid, softmax ...)."""
     from ..algebra.rules import NON_NEGATIVE_OUTPUT
@@ -744,4 +756,4 @@ def value_sign(vector) -> Sign:
     return lambda start, stop: bool((vector[start:stop] >= 0).all())
 
 
-__all__ += ["static_sign", "value_sign"]
+__all__ += ["static_sign", "value_sign", "residual_add"]

@@ -22,6 +22,7 @@ Each site is rewritten in three steps: pattern (the detected site), legality che
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,21 +123,53 @@ def _owner(gm: fx.GraphModule, path: str) -> nn.Module:
 
 def _psi_value(psi_init: PsiInit | CalibratedPsi, site: AttentionSite, shape: tuple[int, ...],
                like: torch.Tensor | None, stat: fx.Node):
-    """The initial value of the psi that replaces ``stat`` (a pooled statistic of ``site``)."""
+    """The initial value of the psi that replaces ``stat`` (a pooled statistic of ``site``).
+
+    Legality check: a value that is not finite, or that does not fit psi's shape, is refused
+    naming the site and the shape (a NaN psi would train to NaN and fuse into the weights).
+    """
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     device = like.device if like is not None else None
+    where = f"psi for '{stat.name}' of '{site.module_path or '(top level)'}' ({site.kind}), shape {tuple(shape)}"
     if isinstance(psi_init, CalibratedPsi):
         if stat not in psi_init.means:
             raise AsrfxError(f"no calibrated value for the pooled statistic '{stat.name}' of "
                              f"'{site.module_path or '(top level)'}'")
-        value = psi_init.means[stat]
+        value, source = psi_init.means[stat], "the calibrated mean"
     elif callable(psi_init) and not isinstance(psi_init, torch.Tensor):
-        value = psi_init(site, shape)
+        value, source = psi_init(site, shape), "psi_init(site, shape)"
     elif isinstance(psi_init, torch.Tensor):
-        value = psi_init.expand(shape)
+        value, source = psi_init, "the psi_init tensor"
     else:
-        value = torch.full(shape, float(psi_init))
-    return torch.as_tensor(value, dtype=dtype, device=device).reshape(shape).clone()
+        value, source = torch.full(shape, float(psi_init)), f"psi_init={psi_init!r}"
+    try:
+        value = torch.as_tensor(value, dtype=dtype, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise AsrfxError(f"{where}: {source} gave {type(value).__name__}, not a tensor ({exc})") from None
+    fitted = _fit_psi(value, shape)
+    if fitted is None:
+        raise AsrfxError(f"{where}: {source} has shape {tuple(value.shape)}, which neither broadcasts to "
+                         f"{tuple(shape)} nor holds the same {math.prod(shape)} value(s); give a tensor of "
+                         f"shape {tuple(shape)}")
+    value = fitted
+    if not bool(torch.isfinite(value).all()):
+        raise AsrfxError(f"{where}: {source} is not finite ({int((~torch.isfinite(value)).sum())} NaN or "
+                         "infinite value(s)); give finite initial values")
+    return value.detach().clone()
+
+
+def _fit_psi(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``value`` as psi's shape: equal, the same values with other size-1 axes ((C,) for
+    (1, C, 1, 1)), or broadcastable; None if it fits none of these."""
+    if tuple(value.shape) == tuple(shape):
+        return value
+    squeezed = lambda s: tuple(d for d in s if d != 1)
+    if value.numel() == math.prod(shape) and squeezed(value.shape) == squeezed(shape):
+        return value.reshape(shape)
+    try:
+        return torch.broadcast_to(value, shape)
+    except RuntimeError:
+        return None
 
 
 def pooled_statistics(pool: fx.Node) -> list[tuple[fx.Node, tuple[int, ...]]]:
@@ -203,15 +236,31 @@ _INT_OPS = {operator.mul: operator.mul, operator.add: operator.add, operator.sub
             operator.floordiv: operator.floordiv, operator.mod: operator.mod}
 
 
-def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | None:
-    """The value of a size expression (``4 * x.size(1)``) when every size in it is known."""
+def _resolve(node: fx.Node, constants: dict[fx.Node, int]) -> int | list | None:
+    """The value of a size expression when every size in it is known: ``4 * x.size(1)``, and
+    shape lists built by arithmetic (MONAI: ``[b, c] + [1] * (x.ndim - 2)``)."""
     if node in constants:
         return constants[node]
     if node.op == "call_function" and node.target in _INT_OPS and len(node.args) == 2 and not node.kwargs:
-        values = [a if isinstance(a, int) else _resolve(a, constants) if isinstance(a, fx.Node) else None
-                  for a in node.args]
-        if all(isinstance(v, int) for v in values):
-            return _INT_OPS[node.target](*values)
+        values = [_size_value(a, constants) for a in node.args]
+        if all(v is not None for v in values):
+            try:
+                return _INT_OPS[node.target](*values)
+            except TypeError:  # not size arithmetic after all
+                return None
+    return None
+
+
+def _size_value(arg, constants) -> int | list | None:
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, int):
+        return arg
+    if isinstance(arg, fx.Node):
+        return _resolve(arg, constants)
+    if isinstance(arg, (list, tuple)):
+        items = [_size_value(a, constants) for a in arg]
+        return None if any(v is None for v in items) else list(items)
     return None
 
 

@@ -33,7 +33,7 @@ from ..graph.ops import (
 )
 from ..graph.layers import LayerIndex
 from ..graph.ops import module_path_of  # noqa: F401 (re-exported: detect.module_path_of)
-from .absorb import plan_consumers, plan_producer, static_sign
+from .absorb import plan_consumers, plan_producer, residual_add, static_sign
 from .site import Absorption, AttentionSite, Combine, GateUse, Rejection, SiteKind
 
 __all__ = ["Flow", "Detection", "analyse_flow", "detect", "module_path_of", "pool_branch"]
@@ -422,11 +422,14 @@ def _absorption(use: GateUse, channel_dim: int, internal: set[fx.Node], modules:
     (a sigmoid gate is non-negative), and a fold that needs a sign it cannot know says so."""
     axes = _gate_axes(use, channel_dim)
     sign = static_sign(use.gate, modules)
-    ignore = frozenset(internal - {use.combine})
-    producer = plan_producer(use.x, use.combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
+    combine, ignore = use.combine, frozenset(internal - {use.combine})
+    residual = residual_add(use.x, use.combine, modules) if use.op is Combine.MUL else None
+    if residual is not None:  # x + x * g: fuse folds the scale 1 + g
+        combine, ignore = residual, ignore | {use.combine}
+    producer = plan_producer(use.x, combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
     plan = producer
     if not producer.ok:
-        plan = plan_consumers(use.combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
+        plan = plan_consumers(combine, axes, use.op.value, sign, modules, optimistic=True, ignore=ignore)
     if not plan.ok:
         return Absorption(use.x, "kept", (), (), f"stays a multiply: producer: {producer.reason}; "
                                                   f"consumers: {plan.reason}")

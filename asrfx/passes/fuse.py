@@ -41,11 +41,11 @@ from ..algebra.fold import (
 from ..graph.dataflow import ancestors, input_dependence
 from ..graph.edit import copy_meta, finish, rewire_inplace, unique_attr_name
 from ..graph.layers import LayerIndex, layer_of, set_parameter
-from .absorb import Plan, label_of, plan_consumers, plan_producer, value_sign
+from .absorb import Plan, label_of, plan_consumers, plan_producer, residual_add, value_sign
 from ..nn.gated_layers import WeightGated
 from ..nn.gated_norm import GatedBatchNorm
 from ..graph.ops import argument, is_shape_query, module_path_of, node_shape, op_of
-from .contract import ASR_META, ConstantGate, Role, constant_gates, psi_dependent, role_of, site_of
+from .contract import ASR_META, ConstantGate, Role, constant_gates, mark, psi_dependent, role_of, site_of
 
 __all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes", "fold_psi_remainders"]
 
@@ -245,16 +245,16 @@ def _fold_gated_layers(gm: fx.GraphModule, evaluator: ConstantEvaluator, report:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if not isinstance(module, (GatedBatchNorm, WeightGated)) or len(node.args) < 2:
             continue
-        v = evaluator.value(node.args[1]).reshape(-1)
         path = str(node.target)
+        vectors = [n for n in ancestors(node.args[1]) if role_of(n) == Role.GATE_VECTOR] or \
+            [next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")]
+        v = _finite(evaluator.value(node.args[1]), site_of(vectors[0]) or path).reshape(-1)
         if isinstance(module, WeightGated):
             plain, side = module.folded(v), "consumers" if module.gate_side == "input" else "producer"
         else:
             plain, side = _plain_batchnorm(module, v, len(node_shape(node) or (0, 0, 0, 0))), "producer"
         parent, _, attr = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
-        vectors = [n for n in ancestors(node.args[1]) if role_of(n) == Role.GATE_VECTOR] or \
-            [next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")]
         for vector in vectors:  # a layer that applied two gates (repeats) took a share of each
             entry = gates.setdefault((vector, side), (site_of(vector) or path, [], set()))
             entry[1].append(path)
@@ -383,6 +383,16 @@ def _psi_site(node: fx.Node) -> str:
     return next((site_of(n) for n in ancestors(node) if role_of(n) == Role.PSI), "") or ""
 
 
+def _finite(value: Any, site: str) -> Any:
+    """Refuse a gate that is NaN or infinite (a diverged run): folded, it would make every output NaN."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise AsrfxError(f"the gate of '{site or '(top level)'}' has {bad} NaN or infinite value(s) of "
+                         f"{value.numel()}: fuse would write them into the deployed weights. Check the trained "
+                         "psi and excitation parameters (a diverged run?) and fuse a finite checkpoint")
+    return value
+
+
 def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> None:
     """The gate stays as one stored constant (a buffer); its psi branch goes away."""
     name, i = "asr_gate", 0
@@ -392,6 +402,24 @@ def _keep_constant(gm: fx.GraphModule, g: ConstantGate, value: torch.Tensor) -> 
     with gm.graph.inserting_before(g.combine):
         const = gm.graph.get_attr(f"{name}_{i}")
     g.combine.replace_input_with(g.operand, const)
+
+
+def _residual_gates_to_scales(gm: fx.GraphModule) -> None:
+    """``x + x * g`` becomes ``x * (1 + g)``: one per-channel scale, which folds like any other."""
+    modules = dict(gm.named_modules())
+    for g in constant_gates(gm):
+        add = residual_add(g.x, g.combine, modules) if g.op == "mul" else None
+        if add is None:
+            continue
+        with gm.graph.inserting_before(g.combine):
+            one_plus = gm.graph.call_function(torch.add, (g.operand, 1.0))
+            scaled = gm.graph.call_function(torch.mul, (g.x, one_plus))
+        if site_of(g.gate):
+            mark(one_plus, Role.GATE, site_of(g.gate))
+        scaled.meta.update({k: v for k, v in add.meta.items() if k != ASR_META})
+        add.replace_all_uses_with(scaled)
+        gm.graph.erase_node(add)
+        gm.graph.erase_node(g.combine)
 
 
 PLACEMENTS = ("producer", "balanced")
@@ -406,6 +434,7 @@ def fuse_graph(gm: fx.GraphModule, placement: str = "producer") -> tuple[fx.Grap
         raise ValueError(f"fuse(placement=...) takes one of {PLACEMENTS}, got {placement!r}")
     report = FuseReport()
     rewire_inplace(gm)  # a GraphModule asrfx did not trace may read a tensor after writing into it
+    _residual_gates_to_scales(gm)
     evaluator = ConstantEvaluator(gm)
     _fold_gated_layers(gm, evaluator, report)
     replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
@@ -417,7 +446,7 @@ def fuse_graph(gm: fx.GraphModule, placement: str = "producer") -> tuple[fx.Grap
         g = dataclasses.replace(g, x=x)
         site = _site_of(g)
         x_shape = node_shape(g.x)
-        value = evaluator.value(g.gate)
+        value = _finite(evaluator.value(g.gate), site)
         v, axes, why = _gate_axes(value, x_shape) if x_shape is not None else (None, (0, 0), "no shape for x")
         if v is None:
             _keep_constant(gm, g, value)

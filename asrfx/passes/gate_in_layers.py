@@ -113,6 +113,8 @@ def _gate_into_producers(gm, targets: tuple[Target, ...], combine: fx.Node, x: f
         if t.kind == "batch_norm" and module is not None:
             if type(module) not in _BATCH_NORMS or not module.affine or t.span.axis != 1:
                 return None
+            if modules.calls[str(t.node.target)] > 1:
+                return None  # a shared BatchNorm: its other calls take no gate, the multiply stays
             norms[t.node] = module
             continue
         layer = layer_of(t.node, modules)
