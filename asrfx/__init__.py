@@ -20,7 +20,9 @@ from .nn.gated_norm import GatedBatchNorm, GatedSyncBatchNorm, convert_sync_batc
 from .passes.report import SiteTable
 from .observe.recorder import GateRecorder
 from .observe.stripe import SiteStripe, StripeStats
-from .passes.site import Absorption, AttentionSite, Combine, GateUse, LeafRecord, Rejection, SiteKind
+from .passes.site import (
+    Absorption, AttentionSite, Combine, GateUse, LayoutLoss, LeafRecord, Rejection, SiteKind, Verdict,
+)
 from .graph.capture import trace
 
 __all__ = [
@@ -52,6 +54,8 @@ __all__ = [
     "GateUse",
     "Absorption",
     "Rejection",
+    "Verdict",
+    "LayoutLoss",
     "LeafRecord",
     "SiteKind",
     "Combine",

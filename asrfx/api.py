@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,11 +20,13 @@ from .passes.contract import attach_report, check_fused, report_of
 from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
 from .graph.layout import infer_layouts
-from .graph.ops import node_shape
-from .passes.report import SiteTable
+from .graph.layers import call_argument
+from .graph.ops import node_shape, op_of
+from .passes.report import SiteTable, detection_notes
 from .passes.site import LeafRecord
 from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
-from .graph.capture import as_input_tuple, propagate_shapes, trace
+from .graph.capture import CaptureRoute, Traced, as_input_tuple, as_kwargs, propagate_shapes, trace
+from .graph.export_route import export_capture
 from .graph.state import ModuleState
 from .graph.wrappers import unwrap
 
@@ -34,15 +37,20 @@ def find_attention(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> SiteTable:
     """Find every channel-attention block of ``model`` by graph structure.
 
     Args:
-        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule``.
+        model: an ``nn.Module`` or a ``torch.fx.GraphModule``. Captured with torch.fx, or, where
+            torch.fx cannot get through its forward (or a submodule it keeps whole holds
+            attention), with torch.export; the table says which (``table.capture``).
         example_inputs: a tensor or tuple of inputs; shapes come from them. May be
             omitted for a GraphModule whose nodes already carry shape metadata.
+        example_kwargs: keyword inputs: the model is called as
+            ``model(*example_inputs, **example_kwargs)``, whatever its signature and outputs.
         leaf_modules: module paths or classes to keep as single calls when tracing.
         concrete_args: passed to torch.fx for flags of the model's forward.
 
@@ -50,21 +58,27 @@ def find_attention(
     is not modified.
     """
     model, _ = _unwrapped(model, "find_attention", rewrap=False)
-    gm, leaves, _ = _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args)
-    found = detect(gm)
-    return SiteTable(
+    traced = _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args)
+    found = detect(traced.gm)
+    table = SiteTable(
         sites=tuple(found.sites),
         rejections=tuple(found.rejections),
-        leaves=leaves,
-        graph_module=gm,
+        leaves=traced.leaves,
+        graph_module=traced.gm,
         model_name=type(model).__name__,
+        layout_losses=tuple(found.layout_losses),
+        capture=traced.route,
     )
+    for note in table.notes:
+        warnings.warn(note, AsrfxWarning, stacklevel=2)
+    return table
 
 
 def convert(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     keep: bool = False,
     psi_init: PsiInit = 0.1,
     data: Iterable[Any] | None = None,
@@ -80,6 +94,8 @@ def convert(
     Args:
         model: an ``nn.Module`` or ``torch.fx.GraphModule``.
         example_inputs: a tensor or tuple of inputs giving the shapes.
+        example_kwargs: keyword inputs (``model(*example_inputs, **example_kwargs)``); the
+            GraphModule is called the same way and returns what the model returns.
         keep: False (default) replaces each pooled statistic by a learnable psi;
             True keeps the original attention and adds a psi-driven copy before it
             ("ASR(k) + k", paper Tables 4-5).
@@ -125,18 +141,19 @@ def convert(
         first, batches = peek(batches)
         example_inputs = first if example_inputs is None else example_inputs
     work = model if inplace else copy.deepcopy(model)
-    gm, _, mode_note = _traced_with_shapes(work, example_inputs, leaf_modules, concrete_args,
-                                           require_inputs=True)
-    inputs = as_input_tuple(example_inputs)
+    traced = _traced_with_shapes(work, example_inputs, example_kwargs, leaf_modules, concrete_args,
+                                 require_inputs=True)
+    gm, inputs, kwargs = traced.gm, as_input_tuple(example_inputs), as_kwargs(example_kwargs)
     steps = [
         ("layout", lambda g, st: st.update(layouts=infer_layouts(g))),
         ("detect", lambda g, st: st.update(found=detect(g, st["layouts"]))),
         # before the rewrite: the pooled statistics are measured in the original graph
-        ("calibrate", lambda g, st: st.update(psi=calibrated_psi(g, st["found"].sites, batches, also=(work,))
+        ("calibrate", lambda g, st: st.update(psi=calibrated_psi(g, st["found"].sites, batches, also=(work,),
+                                                                 kwargs=kwargs)
                                               if calibrate and st["found"].sites else psi_init)),
         ("rewrite", lambda g, st: st.update(report=convert_sites(
             g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=st["psi"])[1])),
-        ("shapes", lambda g, st: propagate_shapes(g, inputs)),
+        ("shapes", lambda g, st: propagate_shapes(g, inputs, kwargs)),
         ("gate_in_layers", lambda g, st: (gate_in_norm or gate_in_consumers) and move_gates_into_layers(
             g, st["report"], producers=gate_in_norm, consumers=gate_in_consumers)),
     ]
@@ -145,9 +162,14 @@ def convert(
         step(gm, state)
     report: ConvertReport = state["report"]
     report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
-    report.notes.extend(n for n in (wrapper_note,) if n)
-    if mode_note:
-        report.notes.append(mode_note)
+    report.capture = traced.route
+    report.notes.extend(n for n in (wrapper_note, traced.mode_note) if n)
+    report.notes.extend(f"'{leaf.path}' ({leaf.module_type}) was kept as a single call and not searched for "
+                        f"attention: {leaf.unsearched}" for leaf in traced.leaves if leaf.unsearched)
+    found = state["found"]
+    for note in detection_notes(len(found.sites), found.rejections, found.layout_losses):
+        report.notes.append(note)
+        warnings.warn(note, AsrfxWarning, stacklevel=2)
     if calibrate and report.sites:
         report.notes.append(f"psi calibrated: the mean pooled statistics over {state['psi'].samples} samples "
                             f"({state['psi'].batches} batches)")
@@ -169,6 +191,7 @@ def stripe(
     data: Iterable[Any],
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     max_batches: int | None = None,
     keep_rows: int = 64,
     progress: bool = True,
@@ -182,6 +205,7 @@ def stripe(
         data: a DataLoader, or an iterable of input tensors or of (inputs, labels) pairs, or
             one tensor (a single batch). Streamed once: memory does not grow with its size.
         example_inputs: inputs giving the shapes; default: the first batch.
+        example_kwargs: keyword inputs passed with every batch (``model(*batch, **example_kwargs)``).
         max_batches: read at most this many batches.
         keep_rows: samples whose gates and pooled statistics are kept for heatmaps.
         progress: show a progress bar (when tqdm is installed).
@@ -198,7 +222,8 @@ def stripe(
     model, _ = _unwrapped(model, "stripe", rewrap=False)
     batches = input_batches(data, max_batches)
     first, batches = peek(batches)
-    table = find_attention(model, first if example_inputs is None else example_inputs, leaf_modules=leaf_modules)
+    table = find_attention(model, first if example_inputs is None else example_inputs,
+                           example_kwargs=example_kwargs, leaf_modules=leaf_modules)
     probes = gate_probes(table.graph_module, table.sites)
     if not probes:
         why = f" ({len(table.rejections)} look-alike(s) refused: {table.rejections[0].reason})" \
@@ -206,7 +231,7 @@ def stripe(
         raise AsrfxError(f"no channel-attention site found in {table.model_name}{why}: there is no gate to "
                          "measure. print(asrfx.find_attention(model, example_inputs)) shows what was examined.")
     result = measure(table.graph_module, probes, batches, keep_rows=keep_rows, progress=progress,
-                     total=total_batches(data, max_batches), also=(model,))
+                     total=total_batches(data, max_batches), also=(model,), kwargs=as_kwargs(example_kwargs))
     return StripeStats(result.sites, table.model_name, result.samples, result.batches)
 
 
@@ -214,6 +239,7 @@ def fuse(
     gm: nn.Module | torch.export.ExportedProgram,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     inplace: bool = False,
     dynamic_shapes: Any = None,
     placement: str = "producer",
@@ -222,7 +248,8 @@ def fuse(
 
     ``gm`` is the result of :func:`convert` after training, in eval mode (BatchNorm
     statistics and gates are folded as constants, as in ``torch.nn.utils.fusion``).
-    ``example_inputs`` are needed only if ``gm``'s nodes carry no shape metadata.
+    ``example_inputs`` (and ``example_kwargs``) are needed only if ``gm``'s nodes carry no
+    shape metadata. The result is called as ``gm`` is and returns what it returns.
     Returns a GraphModule with no psi, no excitation and no pooling of the attention
     blocks; :func:`report_of` lists every gate as folded (into which layers) or kept (why).
 
@@ -255,9 +282,9 @@ def fuse(
     work = gm if inplace else copy.deepcopy(gm)
     if not isinstance(work, fx.GraphModule):
         work = trace(work).gm
-    inputs = as_input_tuple(example_inputs)
-    if inputs:
-        propagate_shapes(work, inputs)
+    inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
+    if inputs or kwargs:
+        propagate_shapes(work, inputs, kwargs)
     elif not _has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
     state = ModuleState.of(work)
@@ -273,6 +300,7 @@ def insert(
     attention: str | type | Callable[..., nn.Module] = "se",
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     where: Callable[[str, nn.Module], bool] | None = None,
     repeats: int = 1,
     psi_init: PsiInit = 0.1,
@@ -288,6 +316,7 @@ def insert(
             "spa", "cbam_channel", "gc"), an attention class taking the channel count, or
             ``fn(channels, tokens=..., dims=...) -> module``.
         example_inputs: inputs giving the shapes (channel counts come from them).
+        example_kwargs: keyword inputs, as for :func:`convert`.
         where: ``fn(path, module) -> bool`` choosing the modules to insert after; default:
             after the last normalization layer of each residual branch (before the add),
             or after every BatchNorm when the model has no residual adds.
@@ -313,8 +342,9 @@ def insert(
     model, wrapper_note = _unwrapped(model, "insert")
     state = ModuleState.of(model)
     work = model if inplace else copy.deepcopy(model)
-    gm, _, _ = _traced_with_shapes(work, example_inputs, (), None, require_inputs=True)
-    points = insertion_points(gm, infer_layouts(gm), where)
+    traced = _traced_with_shapes(work, example_inputs, example_kwargs, (), None, require_inputs=True)
+    gm = traced.gm
+    points = insertion_points(gm, infer_layouts(gm), where, work)
     device = next((t.device for t in itertools.chain(work.parameters(), work.buffers())), None)
 
     def factory(point):
@@ -336,7 +366,8 @@ def insert(
     state.apply(gm, new_modules=model.training)  # the inserted modules follow the model's mode
     if not convert:
         return gm
-    converted = _convert_fn(gm, example_inputs, psi_init=psi_init, inplace=True)
+    converted = _convert_fn(gm, example_inputs, example_kwargs=example_kwargs, psi_init=psi_init, inplace=True)
+    report_of(converted).capture = traced.route
     report_of(converted).notes.extend(n for n in (wrapper_note,) if n)
     return converted
 
@@ -345,6 +376,7 @@ def backbone(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     leaf_modules: Iterable[str | type] = (),
 ) -> nn.Module:
@@ -366,7 +398,7 @@ def backbone(
 
     model, _ = _unwrapped(model, "backbone", rewrap=False)
     plain = copy.deepcopy(model)
-    for site in find_attention(model, example_inputs, leaf_modules=leaf_modules):
+    for site in find_attention(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules):
         path = site.module_path
         inside = module_path_of(site.x) or ""
         if not path or inside == path or inside.startswith(path + "."):
@@ -387,13 +419,11 @@ def backbone(
 
 def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """Unlift the program (parameters become get_attr constants), fold, export again."""
-    from torch.utils._pytree import tree_leaves
-
     from .deploy.frozen import fuse_frozen
     from .passes.contract import mark_psi_attributes
 
-    training = [n.name for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
-                and len(n.args) > 5 and n.args[5] is True]
+    training = [n.name for n in program.graph.nodes if n.op == "call_function" and op_of(n, {}).name == "batch_norm"
+                and call_argument(n, "training") is True]
     if training:
         raise AsrfxError(f"the exported program normalizes with batch statistics ('{training[0]}'): export the "
                          "model in eval mode (call .eval() before torch.export.export), then fuse")
@@ -403,7 +433,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -
     args, kwargs = program.example_inputs
     module = program.module()  # a new module: the program itself is never changed
     mark_psi_attributes(module)
-    report = fuse_frozen(module, tree_leaves((args, kwargs)))
+    report = fuse_frozen(module, args, kwargs)  # the module takes the program's call structure
     fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     attach_report(fused.graph_module, report)
     return fused
@@ -419,59 +449,116 @@ def _unwrapped(model, verb: str, rewrap: bool = True):
     return model, note
 
 
-def _traced_with_shapes(model, example_inputs, leaf_modules, concrete_args, require_inputs=False):
-    """Trace (GraphModules are copied, never annotated in place) and propagate shapes."""
-    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    gm = traced.gm
+def _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args,
+                        require_inputs=False, both_modes=True) -> Traced:
+    """Capture ``model`` (GraphModules are copied, never annotated in place) and propagate shapes.
+
+    The fx route first; where torch.fx cannot get through the model's forward, or a submodule it
+    had to keep as a single call holds attention, the export route, which records why
+    (``both_modes=False``: exported in the model's mode only, to look for attention).
+    """
+    inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
     if isinstance(model, fx.GraphModule):
         gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-    inputs = as_input_tuple(example_inputs)
-    if inputs:
-        propagate_shapes(gm, inputs)
-    elif require_inputs or not _has_shapes(gm):
+        traced = Traced(gm, (), route=CaptureRoute("given"))
+    elif not isinstance(model, nn.Module):
+        return trace(model)  # raises, naming what was passed
+    elif not (inputs or kwargs):
+        traced = None
+    else:
+        try:
+            traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                           example_inputs=inputs, example_kwargs=kwargs)
+            propagate_shapes(traced.gm, inputs, kwargs)
+            why, leaves = _hidden_attention(model, traced.gm, traced.leaves)
+            traced = dataclasses.replace(traced, leaves=leaves)
+        except TracingError as exc:
+            traced, why = None, str(exc)
+        if why:
+            traced = _exported(model, inputs, kwargs, why, both_modes)
+        for leaf in traced.leaves:
+            if leaf.unsearched:
+                warnings.warn(f"module '{leaf.path}' ({leaf.module_type}) is kept as a single call and could not be "
+                              f"searched for attention ({leaf.unsearched}); attention inside its own forward would "
+                              "not be found", AsrfxWarning, stacklevel=3)
+    if inputs or kwargs:
+        if traced.route.name == "given":
+            propagate_shapes(traced.gm, inputs, kwargs)
+    elif traced is None or require_inputs or not _has_shapes(traced.gm):
         raise AsrfxError(
             f"asrfx needs the shapes of {type(model).__name__}'s tensors: pass "
             "example_inputs=(torch.randn(1, 3, 224, 224),) (any batch size and resolution the "
             "model accepts)" + ("." if require_inputs else
                                 ", or a GraphModule whose nodes carry shape metadata.")
         )
-    _check_leaves(model, gm, traced.leaves)
-    return gm, traced.leaves, traced.mode_note
+    return traced
+
+
+def _exported(model: nn.Module, inputs: tuple, kwargs: dict, why: str, both_modes: bool = True) -> Traced:
+    """The export route, after the fx route failed for ``why``; both reasons if it fails too."""
+    first, _, rest = why.partition("\n")
+    where = next((line.strip() for line in rest.splitlines() if line.strip().startswith("at ")), "")
+    try:
+        traced = export_capture(model, inputs, kwargs, reason=first + (f" ({where})" if where else ""),
+                                both_modes=both_modes)
+        propagate_shapes(traced.gm, inputs, kwargs)
+    except TracingError as exc:
+        raise TracingError(f"{why}\n  {exc}") from exc
+    return traced
 
 
 def _has_shapes(gm: fx.GraphModule) -> bool:
     return any(node_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _check_leaves(model: nn.Module, gm: fx.GraphModule, leaves: tuple[LeafRecord, ...]) -> None:
-    """Refuse when a submodule kept as a single call holds attention inside it.
-
-    The leaf itself cannot be traced, but its children may be: each child is run
-    on inputs shaped like the ones the leaf receives and searched for attention.
-    """
+def _hidden_attention(model: nn.Module, gm: fx.GraphModule,
+                      leaves: tuple[LeafRecord, ...]) -> tuple[str, tuple[LeafRecord, ...]]:
+    """Why the fx graph cannot be used: a submodule kept as a single call holds attention (empty
+    if none does); and the leaves, each saying if it could not be searched."""
+    checked = []
     for leaf in leaves:
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf.path]
-        module = model.get_submodule(leaf.path)
-        children = [(name, c) for name, c in module.named_children() if _may_hold_attention(c)]
-        if not calls or not children:
-            continue
-        inputs = _random_like(calls[0].args)
-        if inputs is None:
-            continue
-        for name, child_inputs in _child_inputs(module, inputs, dict(children)).items():
-            child = module.get_submodule(name)
-            try:
-                found = find_attention(child, child_inputs)
-            except TracingError:
-                continue  # the child reports its own failures when it is traced alone
-            if len(found):
-                raise TracingError(
-                    f"module '{leaf.path}' ({leaf.module_type}) cannot be traced ({leaf.reason}), "
-                    f"and it contains attention at '{leaf.path}.{name}"
-                    f"{'.' + found[0].module_path if found[0].module_path else ''}' "
-                    f"({found[0].kind}). asrfx never hides attention inside an untraceable module.\n"
-                    "  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
-                )
+        found, unsearched = _leaf_attention(model, gm, leaf)
+        if found:
+            return (f"module '{leaf.path}' ({leaf.module_type}) cannot be traced by torch.fx ({leaf.reason}), "
+                    f"and it contains attention at {found}. asrfx never hides attention inside an untraceable "
+                    "module.\n  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
+                    ), leaves
+        checked.append(dataclasses.replace(leaf, unsearched=unsearched))
+    return "", tuple(checked)
+
+
+def _leaf_attention(model: nn.Module, gm: fx.GraphModule, leaf: LeafRecord) -> tuple[str, str]:
+    """(where attention is inside ``leaf``, why the leaf could not be searched); both empty when
+    it was searched and holds none.
+
+    The leaf runs on inputs shaped like the ones it receives: captured alone it takes the export
+    route (torch.fx failed inside it). If that fails too, each child that may hold attention is
+    captured alone; the leaf's own forward then stays unsearched, and says so.
+    """
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf.path]
+    module = model.get_submodule(leaf.path)
+    if not calls or not _may_hold_attention(module):
+        return "", ""
+    inputs = _random_like(calls[0].args)
+    if inputs is None:
+        return "", "no shapes for its inputs"
+    try:
+        found = detect(_traced_with_shapes(module, inputs, None, (), None, both_modes=False).gm).sites
+        return (f"'{leaf.path}{'.' + found[0].module_path if found[0].module_path else ''}' ({found[0].kind})"
+                if found else ""), ""
+    except TracingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        unsearched = next((line for line in lines if line.startswith("torch.export cannot")), lines[0])
+    children = {name: c for name, c in module.named_children() if _may_hold_attention(c)}
+    for name, (child_args, child_kwargs) in _child_inputs(module, inputs, children).items():
+        try:
+            found = find_attention(module.get_submodule(name), child_args, example_kwargs=child_kwargs)
+        except TracingError:
+            continue  # the child reports its own failures when it is traced alone
+        if len(found):
+            return f"'{leaf.path}.{name}{'.' + found[0].module_path if found[0].module_path else ''}' " \
+                   f"({found[0].kind})", ""
+    return "", unsearched
 
 
 def _may_hold_attention(module: nn.Module) -> bool:
@@ -498,14 +585,15 @@ def _random_like(args) -> tuple | None:
 
 
 def _child_inputs(module: nn.Module, inputs: tuple, children: dict[str, nn.Module]) -> dict[str, tuple]:
-    """Run a copy of ``module`` and record the first positional inputs of each child."""
+    """Run a copy of ``module`` and record the first (args, kwargs) each child is called with."""
     probe = copy.deepcopy(module).eval()
     seen: dict[str, tuple] = {}
     hooks = []
+    copied = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
     for name in children:
-        def hook(_mod, args, _name=name):
-            seen.setdefault(_name, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-        hooks.append(probe.get_submodule(name).register_forward_pre_hook(hook))
+        def hook(_mod, args, kwargs, _name=name):
+            seen.setdefault(_name, (tuple(copied(a) for a in args), {k: copied(v) for k, v in kwargs.items()}))
+        hooks.append(probe.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             probe(*inputs)

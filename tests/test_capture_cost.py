@@ -3,21 +3,16 @@
 * Shapes come from a run on meta tensors (:mod:`asrfx.graph.shapes`): the same shapes, dtypes
   and devices as the fake-tensor run it replaces, on every model of the zoo; models that cannot
   run on meta fall back to fake tensors; the caller's model is not touched.
-* One trace serves train and eval mode when no traced code reads ``self.training`` as a truth
-  value (:mod:`asrfx.graph.flags`): the graph is the one two traces give, flags are restored.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import asrfx
-import asrfx.graph.capture as capture
 from asrfx.graph.capture import _fake_or_real_run, propagate_shapes, trace
-from asrfx.graph.flags import Flag, probe_training_flags
 from asrfx.graph.shapes import meta_run
 
 try:
@@ -100,87 +95,3 @@ def test_wrong_example_inputs_still_fail_clearly():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(asrfx.TracingError, match="example_inputs"):
         propagate_shapes(trace(model).gm, (torch.randn(1, 5, 8, 8),))
-
-
-# -- one trace for both modes ------------------------------------------------------------------
-
-
-class DropoutArgument(nn.Module):
-    """The flag passed as an argument (F.dropout, torchvision's stochastic_depth)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        return F.dropout(self.conv(x), 0.5, self.training)
-
-
-class BranchOnFlag(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        y = self.conv(x)
-        if self.training:
-            y = y * 2
-        return y
-
-
-class EagerFlagUse(nn.Module):
-    """A C++ call at trace time given self.training (a real tensor, no Proxy): the probe's flag
-    is not a bool to it, so the first trace fails and is repeated plainly."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("noise", torch.ones(4, 1, 1))
-
-    def forward(self, x):
-        return x * torch.dropout(self.noise, 0.0, self.training)
-
-
-def _count_traces(monkeypatch) -> list[int]:
-    calls = [0]
-    original = capture._LeafTracer.trace
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(capture._LeafTracer, "trace", counted)
-    return calls
-
-
-@pytest.mark.parametrize("cls, traces", [(DropoutArgument, 1), (BranchOnFlag, 2), (EagerFlagUse, 3)])
-@pytest.mark.parametrize("training", [True, False])
-def test_one_trace_when_no_code_branches_on_the_flag(monkeypatch, cls, traces, training):
-    model = cls().train(training)
-    calls = _count_traces(monkeypatch)
-    traced = trace(model)
-    assert calls[0] == traces
-    assert all(type(m.__dict__["training"]) is bool and m.training == training for m in model.modules())
-    assert not any(isinstance(a, Flag) for n in traced.gm.graph.nodes for a in (*n.args, *n.kwargs.values()))
-    x = torch.randn(2, 3 if cls is not EagerFlagUse else 4, 4, 4)
-    gm = traced.gm
-    for mode in (True, False):
-        gm.train(mode)
-        model.train(mode)
-        torch.manual_seed(0)
-        want = model(x)
-        torch.manual_seed(0)
-        got = gm(x)
-        if cls is BranchOnFlag and mode != training:
-            assert traced.mode_note  # different structure: the graph keeps the mode it was traced in
-            continue
-        torch.testing.assert_close(got, want)
-
-
-def test_probe_restores_flags_when_the_trace_raises():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
-    with pytest.raises(RuntimeError):
-        with probe_training_flags(model) as probe:
-            assert isinstance(model[0].training, Flag) and not model[0].training
-            assert probe.truth_reads == 1
-            raise RuntimeError("inside")
-    assert all(type(m.__dict__["training"]) is bool and not m.training for m in model.modules())

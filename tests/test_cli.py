@@ -209,6 +209,7 @@ def test_inspect_json_and_a_spec_in_the_file_position(capsys):
     first = data["sites"][0]
     assert first["module"] == "features.1.block.1" and first["kind"] == "se" and first["absorbable"]
     assert first["gate_shape"] == [1, 16, 1, 1]
+    assert data["rejections"] == [] and data["layout_losses"] == []  # nothing refused, no layout lost
 
 
 def test_default_input_shapes_come_from_the_model():

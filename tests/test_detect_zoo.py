@@ -242,3 +242,26 @@ def test_model_output_unchanged_after_detection(case):
     with torch.no_grad():
         y1 = model(x)
     assert torch.equal(y0, y1)
+
+
+# ---------------------------------------------------------------------------
+# Never a silent miss, and no noise
+# ---------------------------------------------------------------------------
+
+# Zoo cases with an attention-like gate that is not channel attention: find_attention warns once.
+_WARNS = {"neg_per_sample_scalar_gate"}
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=_ids)
+def test_no_lost_layout_no_undecided_pattern_and_no_noise(case):
+    """Every zoo graph keeps its layout, no attention-like pattern is left undecided, and
+    find_attention warns only where an attention-like gate is refused with nothing found."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sites = _find(case.build().eval(), case.input_shape)
+    warned = [str(w.message) for w in caught if issubclass(w.category, asrfx.AsrfxWarning)]
+    assert not sites.layout_losses, sites.format()
+    assert not [r for r in sites.rejections if r.verdict is asrfx.Verdict.UNDECIDED], sites.format()
+    assert bool(warned) == (case.name in _WARNS), warned

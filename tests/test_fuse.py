@@ -442,3 +442,31 @@ def test_fused_weights_with_a_kept_gate_do_not_load_into_the_backbone_class():
     fused = asrfx.fuse(asrfx.convert(model, x, psi_init=_psi(5)).eval())
     with pytest.raises(AsrfxError, match=r"unexpected \['asr_gate_0'\].*Deploy the fused GraphModule"):
         asrfx.backbone(model, x, state_dict=fused.state_dict())
+
+
+class _StochasticDepthSE(nn.Module):
+    """An SE block whose residual branch is dropped per sample by a random mask (timm's drop_path
+    as torch.fx records it: a fresh tensor of the input's batch size, filled by bernoulli_)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y * torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        mask = y.new_empty(y.shape[0], 1, 1, 1).bernoulli_(0.8).div_(0.8)
+        return x + y * mask
+
+
+def test_a_random_mask_is_never_taken_for_a_constant_gate():
+    """A random value varies from call to call like the input: fuse must neither evaluate nor fold
+    it (it used to try, reading the input of new_empty), and only the SE's gate is a constant."""
+    from asrfx.passes.contract import constant_gates
+
+    gm = asrfx.convert(_StochasticDepthSE(), torch.randn(2, 8, 6, 6), psi_init=0.3).eval()
+    assert all(op_of(g.gate, {}).name != "div" for g in constant_gates(gm))
+    fused = asrfx.fuse(gm)
+    assert len(asrfx.report_of(fused).folds) == 1 and constant_gates(fused) == []
+    assert any(op_of(n, {}).name == "bernoulli" for n in fused.graph.nodes)  # the mask is still drawn

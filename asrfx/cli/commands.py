@@ -268,7 +268,10 @@ def _inspect(args) -> int:
     if args.json:
         info.update(model=sites.model_name, graph_nodes=len(sites.graph_module.graph.nodes),
                     sites=[_site_json(s) for s in sites],
-                    rejections=[{"module": r.module_path, "reason": r.reason} for r in sites.rejections],
+                    rejections=[{"module": r.module_path, "reason": r.reason, "verdict": str(r.verdict)}
+                                for r in sites.rejections],
+                    layout_losses=[{"module": loss.module_path, "node": loss.node.name, "op": loss.op,
+                                    "tensors": loss.tensors} for loss in sites.layout_losses],
                     leaves=[{"module": leaf.path, "type": leaf.module_type, "reason": leaf.reason}
                             for leaf in sites.leaves])
         print(json.dumps(info, indent=2))

@@ -27,9 +27,10 @@ from ..passes.fuse import FuseReport, fuse_graph
 __all__ = ["fuse_frozen"]
 
 
-def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any]) -> FuseReport:
-    """Fold every constant gate of ``gm`` in place; raise AsrfxError if an invariant fails."""
-    propagate_shapes(gm, data_inputs)
+def fuse_frozen(gm: fx.GraphModule, data_inputs: Sequence[Any], data_kwargs: dict[str, Any] | None = None) -> FuseReport:
+    """Fold every constant gate of ``gm`` in place; raise AsrfxError if an invariant fails.
+    ``gm`` is called as ``gm(*data_inputs, **data_kwargs)`` for the shapes."""
+    propagate_shapes(gm, data_inputs, data_kwargs)
     gm, report = fuse_graph(gm)  # its last step folds what is left of each psi branch (fold_psi_remainders)
     check_fused(gm)
     return report

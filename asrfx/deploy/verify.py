@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
 
 from ..errors import AsrfxError
 from ..passes.contract import check_fused, report_of
 from ..passes.fuse import FuseReport
-from ..graph.capture import as_input_tuple
+from ..graph.capture import as_input_tuple, as_kwargs
 from ..graph.edit import params_and_buffers
 
 __all__ = ["verify"]
@@ -32,6 +32,7 @@ def verify(
     reference: nn.Module | None = None,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     backbone: nn.Module | int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -39,7 +40,9 @@ def verify(
     """Check a fused model: invariants, finite weights, optionally parameter count and outputs.
 
     ``backbone``: a module (or a parameter count) the fused model must match in size.
-    ``reference`` + ``example_inputs``: outputs must be finite and agree (default tolerances
+    ``reference`` + ``example_inputs`` (+ ``example_kwargs``): both are called as
+    ``m(*example_inputs, **example_kwargs)``; their outputs must be finite, have the same
+    structure (tensor, tuple, dict, dataclass) and agree tensor by tensor (default tolerances
     1e-5 relative in float32, 1e-10 in float64). Raises AsrfxError saying what differs.
     """
     report = report_of(fused)
@@ -50,16 +53,26 @@ def verify(
     if backbone is not None and _count(fused) != _count(backbone):
         raise AsrfxError(f"fused model has {_count(fused):,} parameters, the backbone {_count(backbone):,}")
     if reference is not None:
-        inputs = as_input_tuple(example_inputs)
+        inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
         with torch.no_grad():
-            got, want = fused(*inputs), reference(*inputs)
-        for out in tree_leaves(got):
-            if isinstance(out, torch.Tensor):
-                _check_finite(out, "the fused model's output")
-        double = want.dtype == torch.float64
-        rtol = rtol if rtol is not None else (1e-10 if double else 1e-5)
-        atol = atol if atol is not None else (1e-10 if double else 1e-5) * max(want.abs().max().item(), 1.0)
-        try:
-            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
-        except AssertionError as exc:
-            raise AsrfxError(f"fused outputs differ from the reference: {str(exc).splitlines()[1:3]}") from exc
+            got, want = fused(*inputs, **kwargs), reference(*inputs, **kwargs)
+        got_leaves, got_spec = pytree.tree_flatten(got)
+        want_leaves, want_spec = pytree.tree_flatten_with_path(want)
+        if got_spec != want_spec:
+            raise AsrfxError(f"fused outputs have another structure than the reference's: {got_spec} vs {want_spec}")
+        for g, (path, w) in zip(got_leaves, want_leaves):
+            where = pytree.keystr(path)
+            if isinstance(g, torch.Tensor):
+                _check_finite(g, f"the fused model's output{where}")
+            if not isinstance(w, torch.Tensor):
+                if g != w:
+                    raise AsrfxError(f"fused output {where} is {g!r}, the reference's {w!r}")
+                continue
+            double = w.dtype == torch.float64
+            r = rtol if rtol is not None else (1e-10 if double else 1e-5)
+            a = atol if atol is not None else (1e-10 if double else 1e-5) * max(w.abs().max().item() if w.numel() else 0, 1.0)
+            try:
+                torch.testing.assert_close(g, w, rtol=r, atol=a)
+            except AssertionError as exc:
+                raise AsrfxError(f"fused output {where} differs from the reference: "
+                                 f"{str(exc).splitlines()[1:3]}") from exc

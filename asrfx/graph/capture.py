@@ -1,10 +1,18 @@
-"""Tracing: any nn.Module to a torch.fx GraphModule whose nodes carry shapes.
+"""Capture: any nn.Module to a GraphModule whose nodes carry shapes.
 
-Plain ``symbolic_trace`` stops at the first submodule with data-dependent control
-flow (timm's 'same'-padding convolutions, size asserts ...). :func:`trace` retries,
-each time keeping the innermost failing submodule as a single call (a *leaf*), and
-reports every leaf it made. Whether a leaf hides attention is checked by the caller
-(:mod:`asrfx.api`), which can run detection on the leaf's children.
+The passes read one kind of graph, which two routes produce:
+
+* the **fx route**, :func:`trace`: torch.fx symbolic tracing. Plain ``symbolic_trace`` stops at
+  the first submodule with data-dependent control flow (timm's 'same'-padding convolutions,
+  size asserts ...); :func:`trace` retries, each time keeping the innermost failing submodule
+  as a single call (a *leaf*), and reports every leaf it made. Whether a leaf hides attention
+  is checked by the caller (:mod:`asrfx.api`), which can run detection on the leaf's children.
+* the **export route**, :func:`asrfx.graph.export_route.export_capture`: torch.export (training
+  IR), for what torch.fx cannot get through; the caller falls back to it.
+
+Both call the model as ``model(*example_inputs, **example_kwargs)`` and keep that calling
+convention and the model's output structure; both make the flags torch bakes from
+``self.training`` follow ``.train()``/``.eval()`` (:func:`merge_training_graphs`).
 
 Shapes come from example inputs, propagated on a fake-tensor copy in eval mode:
 nothing is computed and the caller's modules, parameters and buffers are untouched.
@@ -12,35 +20,57 @@ nothing is computed and the caller's modules, parameters and buffers are untouch
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import copy
+import inspect
 import traceback
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.fx.node import map_aggregate
 
 from ..errors import TracingError
 from .edit import rewire_inplace
-from .flags import FlagProbe, probe_training_flags
 from .shapes import meta_run
 from ..passes.site import LeafRecord
+from .modes import training_graph, uniform_mode
 
-__all__ = ["Traced", "trace", "propagate_shapes", "as_input_tuple"]
+__all__ = ["CaptureRoute", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
+           "check_call", "placeholder_values", "GraphRunner", "first_line", "user_frame"]
 
 _MAX_LEAVES = 512
 
 
 @dataclass(frozen=True)
-class Traced:
-    """A traced model."""
+class CaptureRoute:
+    """How a model became the graph the passes read."""
 
-    gm: fx.GraphModule  # shares submodules with the model it came from (read-only use)
+    name: str  # "fx" (torch.fx symbolic tracing), "export" (torch.export, training IR), "given" (a GraphModule)
+    reason: str = ""  # why the fx route was not taken; empty when it was
+
+    def __str__(self) -> str:
+        what = {"fx": "torch.fx symbolic tracing", "export": "torch.export (training IR)",
+                "given": "the GraphModule as given"}.get(self.name, self.name)
+        return f"captured by {what}" + (f", because {self.reason}" if self.reason else "")
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A captured model."""
+
+    gm: fx.GraphModule  # shares submodules (fx) or tensors (export) with the model it came from
     leaves: tuple[LeafRecord, ...]  # submodules kept as single calls because fx failed inside them
-    mode_note: str = ""  # set when the graph cannot follow .train()/.eval() (see _follow_training_flag)
+    mode_note: str = ""  # set when the graph cannot follow .train()/.eval() (see merge_training_graphs)
+    route: CaptureRoute = field(default_factory=lambda: CaptureRoute("fx"))  # which route made gm, and why
 
 
 class _LeafTracer(fx.Tracer):
@@ -51,6 +81,17 @@ class _LeafTracer(fx.Tracer):
         super().__init__()
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
+        self._depth = 0  # create_arg's recursion depth: 0 for the value a node (or the output) takes
+        self.top_value: Any = None  # the last top-level value given to create_arg: the forward's result
+
+    def create_arg(self, a: Any):
+        self._depth += 1
+        try:
+            return super().create_arg(a)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.top_value = a
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -58,6 +99,9 @@ class _LeafTracer(fx.Tracer):
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+# -- how the model is called -----------------------------------------------------------------
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
@@ -69,7 +113,70 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs)
 
 
-def _user_frame(exc: BaseException) -> str:
+def as_kwargs(example_kwargs: Any) -> dict[str, Any]:
+    """Accept None or a mapping of keyword arguments."""
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, Mapping) or not all(isinstance(k, str) for k in example_kwargs):
+        raise TypeError(f"example_kwargs takes a dict of keyword arguments (name -> value), "
+                        f"got {type(example_kwargs).__name__}")
+    return dict(example_kwargs)
+
+
+def check_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> inspect.BoundArguments:
+    """The call ``model(*args, **kwargs)`` bound to the forward's signature, or a TracingError
+    saying what the forward takes."""
+    signature = inspect.signature(model.forward)
+    try:
+        return signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TracingError(
+            f"{type(model).__name__}.forward{signature} cannot be called with {len(args)} example input(s)"
+            f"{' and example_kwargs ' + str(sorted(kwargs)) if kwargs else ''}: {exc}\n"
+            "  What to do: pass example_inputs=(...) and example_kwargs={...} as you would call the model."
+        ) from None
+
+
+def _is_constant(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _fixed_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """concrete_args for torch.fx from the example call: parameters it leaves out keep their
+    defaults, and constants it passes (flags such as ``return_dict=False``) are fixed, so that
+    ``if mask is not None`` follows the call; tensors stay graph inputs."""
+    if not args and not kwargs:
+        return {}
+    bound = check_call(model, args, kwargs)
+    fixed: dict[str, Any] = {}
+    for name, param in inspect.signature(model.forward).parameters.items():
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
+            if bound.arguments.get(name):
+                raise TracingError(
+                    f"torch.fx cannot trace {type(model).__name__}.forward with inputs in {star}{name} "
+                    f"({sorted(bound.arguments[name]) if star == '**' else len(bound.arguments[name])}): "
+                    "a proxy there does not follow what the forward reads from it")
+            continue
+        if name in bound.arguments:
+            if _is_constant(bound.arguments[name]):
+                fixed[name] = bound.arguments[name]
+        elif param.default is not inspect.Parameter.empty and _is_constant(param.default):
+            fixed[name] = param.default
+    return fixed
+
+
+def _restore_argument_names(graph: fx.Graph, fixed: dict[str, Any]) -> None:
+    """torch.fx names a fixed argument's placeholder ``mask_1``: the GraphModule's forward would
+    then take ``mask_1=`` instead of ``mask=``. The signature keeps the model's names."""
+    for node in graph.find_nodes(op="placeholder"):
+        target = str(node.target)
+        base, _, suffix = target.rpartition("_")
+        if suffix == "1" and base in fixed:
+            node.target = base
+
+
+def user_frame(exc: BaseException) -> str:
     """The last traceback frame outside torch: where the user's code failed."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename
               and "/asrfx/" not in f.filename]
@@ -79,9 +186,12 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# -- the fx route -------------------------------------------------------------------------------
 
 
 def trace(
@@ -89,167 +199,142 @@ def trace(
     *,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
 ) -> Traced:
     """Trace ``model`` with torch.fx, keeping untraceable submodules as leaves.
 
-    ``leaf_modules`` names module paths or classes to keep as leaves up front.
-    A GraphModule is returned as it is. Raises :class:`TracingError` naming the
+    ``leaf_modules`` names module paths or classes to keep as leaves up front. With
+    ``example_inputs``/``example_kwargs``, the graph takes the arguments of that call: those it
+    leaves out keep their defaults, constants it passes are fixed (``concrete_args`` adds or
+    overrides). A GraphModule is returned as it is. Raises :class:`TracingError` naming the
     module and line that failed when the model's own forward cannot be traced.
     """
     if isinstance(model, fx.GraphModule):
-        return Traced(model, ())
+        return Traced(model, (), route=CaptureRoute("given"))
     if not isinstance(model, nn.Module):
         raise TracingError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    fixed = {**_fixed_arguments(model, as_input_tuple(example_inputs), as_kwargs(example_kwargs)),
+             **(concrete_args or {})} or None
     leaf_paths = {p for p in leaf_modules if isinstance(p, str)}
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
     leaves: list[LeafRecord] = []
-    probe: FlagProbe | None = None
-    probing = True  # the first attempt records how the training flags are read (graph/flags.py)
-    while True:
-        tracer = _LeafTracer(set(leaf_paths), leaf_types)
-        try:
-            if probing:
-                with probe_training_flags(model) as probe:
-                    graph = tracer.trace(model, concrete_args=concrete_args)
-            else:
-                graph = tracer.trace(model, concrete_args=concrete_args)
-            break
-        except Exception as exc:  # fx raises many types; we name the place and move on
-            if probing:  # maybe the probe's flags upset the model: the same attempt again, plainly
-                probe, probing = None, False
-                continue
-            # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
-            failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
-            where = _user_frame(exc)
-            if not failing or failing in leaf_paths or len(leaves) >= _MAX_LEAVES:
-                scope = f"module '{failing}'" if failing else f"the forward of {type(model).__name__}"
-                raise TracingError(
-                    f"torch.fx cannot trace {scope}: {_first_line(exc)}"
-                    + (f"\n  at {where}" if where else "")
-                    + "\n  What to do: make that code traceable (no Python control flow on tensor values), "
-                    "pass concrete_args=... for flags, name the module in leaf_modules=..., "
-                    "or pass a pre-traced torch.fx.GraphModule."
-                ) from exc
-            module_type = type(model.get_submodule(failing)).__name__
-            leaf_paths.add(failing)
-            leaves.append(LeafRecord(failing, module_type, _first_line(exc)))
-    graph, mode_note = _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args, probe)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    with uniform_mode(model, model.training):
+        while True:
+            tracer = _LeafTracer(set(leaf_paths), leaf_types)
+            try:
+                graph = tracer.trace(model, concrete_args=fixed)
+                break
+            except Exception as exc:  # fx raises many types; we name the place and move on
+                # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
+                failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
+                where = user_frame(exc)
+                if not failing or failing in leaf_paths or len(leaves) >= _MAX_LEAVES:
+                    scope = f"module '{failing}'" if failing else f"the forward of {type(model).__name__}"
+                    raise TracingError(
+                        f"torch.fx cannot trace {scope}: {first_line(exc)}"
+                        + (f"\n  at {where}" if where else "")
+                        + "\n  What to do: make that code traceable (no Python control flow on tensor values), "
+                        "pass concrete_args=... for flags, name the module in leaf_modules=..., "
+                        "or pass a pre-traced torch.fx.GraphModule."
+                    ) from exc
+                module_type = type(model.get_submodule(failing)).__name__
+                leaf_paths.add(failing)
+                leaves.append(LeafRecord(failing, module_type, first_line(exc)))
+    other = None
+    with uniform_mode(model, not model.training), contextlib.suppress(Exception):
+        other = _LeafTracer(set(leaf_paths), leaf_types).trace(model, concrete_args=fixed)
+    graph, mode_note = training_graph({model.training: graph, not model.training: other}, model.training,
+                                      type(model).__name__)
+    _restore_argument_names(graph, fixed or {})
+    _restore_output_type(graph, type(tracer.top_value))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     rewire_inplace(gm)
     return Traced(gm, tuple(leaves), mode_note)
 
 
-def _follow_training_flag(model, graph, leaf_paths, leaf_types, concrete_args,
-                          probe: FlagProbe | None = None) -> tuple[fx.Graph, str]:
-    """Make constants that torch.fx baked from ``self.training`` follow ``.train()/.eval()``.
+def _restore_output_type(graph: fx.Graph, cls: type) -> None:
+    """fx records a returned dict subclass (HF's ModelOutput dataclasses) as a plain dict; the
+    graph builds the model's own type again so that ``out.logits`` keeps working."""
+    if not (issubclass(cls, dict) and cls not in (dict, collections.OrderedDict, collections.defaultdict)
+            and dataclasses.is_dataclass(cls)):
+        return
+    out = graph.output_node()
+    fields = out.args[0]
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        return
+    with graph.inserting_before(out):
+        rebuilt = graph.call_function(cls, (), dict(fields))
+    out.args = (rebuilt,)
 
-    torch.fx evaluates ``self.training`` once, while tracing: a wrapped call such as
-    torchvision's ``stochastic_depth(x, p, mode, self.training)`` or timm's functional
-    ``batch_norm(..., training, momentum, ...)`` keeps the mode it was traced in. The
-    model is traced again in the other mode (flags restored after); where the graphs
-    differ only in a bool that is True in train mode and False in eval mode, it becomes
-    a read of the GraphModule's ``training`` flag. Returns a note when they differ in
-    structure (then the graph stays in the mode it was traced in). When the first trace was
-    probed and no flag was used as a truth value, flags passed as arguments become the read
-    of the flag directly, and the second trace is skipped.
+
+# -- shapes ----------------------------------------------------------------------------------------
+
+
+def placeholder_values(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list:
+    """The values of ``gm``'s placeholders when it is called as ``gm(*args, **kwargs)``.
+
+    An fx-route graph has one placeholder per argument of its forward (``**kwargs`` one dict);
+    an export-route graph one per tensor of the flattened call (its forward flattens them
+    with the input spec of the example call, as ``ExportedProgram.module()`` does).
     """
-    if probe is not None and probe.mode_free:
-        if FlagProbe.arguments(graph):
-            first = next(n for n in graph.nodes if n.op != "placeholder")
-            with graph.inserting_before(first):
-                flag_node = graph.get_attr("training")
-            # a module in the model's mode follows the GraphModule's flag; one set apart keeps its mode
-            FlagProbe.replace(graph, lambda flag: flag_node if flag.value == model.training else flag.value)
-        return graph, ""
-    if probe is not None:
-        FlagProbe.materialize(graph)
-    flags = {m: m.training for m in model.modules()}
+    kwargs = dict(kwargs or {})
+    signature = _call_signature(gm)
     try:
-        model.train(not model.training)
-        other = _LeafTracer(set(leaf_paths), leaf_types).trace(model, concrete_args=concrete_args)
-    except Exception:
-        return graph, ""
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    train_graph, eval_graph = (graph, other) if model.training else (other, graph)
-    a, b = list(train_graph.nodes), list(eval_graph.nodes)
-    if len(a) != len(b) or any((x.op, x.target) != (y.op, y.target) for x, y in zip(a, b)):
-        return graph, (f"{type(model).__name__} takes different paths in train and eval mode; the graph "
-                       f"follows the mode it was traced in ({'train' if model.training else 'eval'})")
-    index = {y: x for x, y in zip(a, b)}
-    flag_node = None
-    keep = a if graph is train_graph else b  # edit the graph we return
-    for x, y, k in zip(a, b, keep):
-        merged_args, diff_a = _merge(x.args, y.args, index)
-        merged_kwargs, diff_k = _merge(x.kwargs, y.kwargs, index)
-        if not (diff_a or diff_k):
-            continue
-        if merged_args is None or merged_kwargs is None:
-            return graph, (f"'{x.name}' differs between train and eval mode in a way asrfx cannot "
-                           "express; the graph follows the mode it was traced in")
-        if flag_node is None:
-            first = next(n for n in graph.nodes if n.op != "placeholder")
-            with graph.inserting_before(first):
-                flag_node = graph.get_attr("training")
-        k.args = _place_flag(merged_args, flag_node, index if graph is eval_graph else None)
-        k.kwargs = _place_flag(merged_kwargs, flag_node, index if graph is eval_graph else None)
-    return graph, ""
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TracingError(f"the captured graph's forward{signature} cannot be called with {len(args)} "
+                           f"input(s) and keywords {sorted(kwargs)}: {exc}") from None
+    bound.apply_defaults()
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+        info = codegen.pytree_info
+        values = list(bound.arguments.values())
+        spec = info.in_spec
+        if (spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple
+                and spec.child(1).type is dict):  # (args, kwargs), as gen_var_bindings builds it
+            count = spec.child(0).num_children
+            tree: Any = (list(values[:count]), dict(zip(spec.child(1).context, values[count:])))
+        else:
+            tree = values
+        return list(fx_pytree.tree_flatten_spec(tree, spec))
+    return list(bound.arguments.values())
 
 
-_FLAG = object()  # marks where the training flag goes
+def _call_signature(gm: fx.GraphModule) -> inspect.Signature:
+    """The signature of ``gm``'s forward, read off its graph (a lazily compiled GraphModule, as
+    Dynamo hands over, reports ``(*args, **kwargs)`` until it first runs)."""
+    codegen = gm.graph._codegen
+    kind = inspect.Parameter
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+        return inspect.Signature([kind(n, kind.POSITIONAL_OR_KEYWORD) for n in codegen.pytree_info.orig_args
+                                  if n != "self"])
+    params, keyword_only = [], False
+    for node in gm.graph.find_nodes(op="placeholder"):
+        target = str(node.target)
+        if target.startswith("**"):
+            params.append(kind(target[2:], kind.VAR_KEYWORD))
+        elif target.startswith("*"):
+            params.append(kind(target[1:], kind.VAR_POSITIONAL))
+            keyword_only = True
+        else:
+            default = node.args[0] if node.args else kind.empty
+            params.append(kind(target, kind.KEYWORD_ONLY if keyword_only else kind.POSITIONAL_OR_KEYWORD,
+                               default=default))
+    return inspect.Signature(params)
 
 
-def _merge(ta, ea, index):
-    """Merge train-mode and eval-mode args: (merged, differs). merged None: cannot merge.
+class GraphRunner(fx.Interpreter):
+    """fx.Interpreter fed by :func:`placeholder_values`: one value per placeholder, also for
+    ``*args`` (a tuple) and ``**kwargs`` (a dict), which fx.Interpreter would gather into a list."""
 
-    A bool True (train) / False (eval) becomes the flag; any other constant that differs
-    takes its train-mode value (e.g. BatchNorm's momentum, unused in eval mode).
-    """
-    if isinstance(ta, fx.Node) or isinstance(ea, fx.Node):
-        same = isinstance(ta, fx.Node) and isinstance(ea, fx.Node) and index.get(ea) is ta
-        return (ta, False) if same else (None, True)
-    if isinstance(ta, (tuple, list)) and isinstance(ea, (tuple, list)) and len(ta) == len(ea):
-        items, differs = [], False
-        for t, e in zip(ta, ea):
-            m, d = _merge(t, e, index)
-            if m is None and d:
-                return None, True
-            items.append(m)
-            differs |= d
-        return type(ta)(items), differs
-    if isinstance(ta, dict) and isinstance(ea, dict) and ta.keys() == ea.keys():
-        items, differs = {}, False
-        for key in ta:
-            m, d = _merge(ta[key], ea[key], index)
-            if m is None and d:
-                return None, True
-            items[key] = m
-            differs |= d
-        return items, differs
-    if ta is True and ea is False:
-        return _FLAG, True
-    if type(ta) is type(ea) and isinstance(ta, (int, float)) and ta != ea:
-        return ta, True
-    return (ta, False) if ta == ea else (None, True)
+    def placeholder(self, target, args, kwargs):
+        if str(target).startswith("*"):
+            return next(self.args_iter)
+        return super().placeholder(target, args, kwargs)
 
 
-def _place_flag(value, flag_node, eval_index):
-    """Put the flag node where _merge marked it; map train-graph nodes if editing the eval graph."""
-    reverse = {v: k for k, v in eval_index.items()} if eval_index else None
-
-    def fix(v):
-        if v is _FLAG:
-            return flag_node
-        if reverse is not None and isinstance(v, fx.Node):
-            return reverse.get(v, v)
-        return v
-
-    return fx.node.map_aggregate(value, fix)
-
-
-class _MetaRecorder(fx.Interpreter):
+class _MetaRecorder(GraphRunner):
     """Runs a (fake) copy of a graph and records each node's tensor metadata."""
 
     def __init__(self, gm: fx.GraphModule):
@@ -274,16 +359,16 @@ class _MetaRecorder(fx.Interpreter):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Write ``tensor_meta`` onto every node of ``gm`` from ``example_inputs``.
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Write ``tensor_meta`` onto every node of ``gm`` from the call ``gm(*example_inputs, **example_kwargs)``.
 
     Runs the graph in eval mode (train-mode BatchNorm rejects a batch of one 1x1
     map and would update running statistics): on meta tensors (:mod:`asrfx.graph.shapes`:
     no copy of the model, no compute), else on a fake-tensor copy, else for real on a copy.
     """
-    inputs = as_input_tuple(example_inputs)
-    found = meta_run(gm, inputs)
-    metas, devices = found if found is not None else _fake_or_real_run(gm, inputs)
+    values = placeholder_values(gm, as_input_tuple(example_inputs), as_kwargs(example_kwargs))
+    found = meta_run(gm, values)
+    metas, devices = found if found is not None else _fake_or_real_run(gm, values)
     for node, meta, device in zip(gm.graph.nodes, metas, devices):
         if meta is not None:
             node.meta["tensor_meta"] = meta
@@ -291,7 +376,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
             node.meta["device"] = device
 
 
-def _fake_or_real_run(gm: fx.GraphModule, inputs: tuple) -> tuple[list[Any], list[Any]]:
+def _fake_or_real_run(gm: fx.GraphModule, values: list) -> tuple[list[Any], list[Any]]:
     """Tensor metadata and devices per node: a fake-tensor copy in eval mode, else a real copy."""
     try:
         from torch._dynamo.utils import deepcopy_to_fake_tensor
@@ -301,18 +386,17 @@ def _fake_or_real_run(gm: fx.GraphModule, inputs: tuple) -> tuple[list[Any], lis
         fake_gm = deepcopy_to_fake_tensor(gm, mode).eval()
         recorder = _MetaRecorder(fake_gm)
         with mode:
-            fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-            recorder.run(*fake_inputs)
+            recorder.run(*pytree.tree_map_only(torch.Tensor, mode.from_tensor, values))
     except Exception:
         real_gm = copy.deepcopy(gm).eval()
         recorder = _MetaRecorder(real_gm)
         try:
             with torch.no_grad():
-                recorder.run(*inputs)
+                recorder.run(*values)
         except Exception as exc:
             raise TracingError(
-                f"running the traced model on example_inputs failed: {_first_line(exc)}\n"
-                "  What to do: check that example_inputs match the model's forward "
-                "(a tensor or a tuple of positional inputs)."
+                f"running the traced model on example_inputs failed: {first_line(exc)}\n"
+                "  What to do: check that example_inputs (and example_kwargs) match the model's forward, "
+                "as you would call the model: model(*example_inputs, **example_kwargs)."
             ) from exc
     return recorder.metas, recorder.devices

@@ -19,19 +19,20 @@ from collections.abc import Callable, Iterator
 
 from torch import fx
 
-from .ops import data_inputs, is_shape_query, op_of
+from .ops import RANDOM, data_inputs, is_shape_query, op_of
 
 __all__ = ["input_dependence", "dependents", "ancestors"]
 
 
 def input_dependence(gm: fx.GraphModule, *, shape_reads: bool = False) -> dict[fx.Node, bool]:
     """For every node, whether its value depends on a graph input (one pass in graph order).
+    Random (and uninitialized) values vary from call to call like an input does.
 
     ``shape_reads``: count reading an input's shape as depending on it.
     """
     reads: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
+        if node.op == "placeholder" or (node.op != "get_attr" and op_of(node, {}).name in RANDOM):
             reads[node] = True
             continue
         if shape_reads:

@@ -35,8 +35,8 @@ def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return (name.endswith("_") and not name.endswith("__") and name not in ("_assert",)) \
+        name = _function_name(node.target)
+        return (name.endswith("_") and not name.endswith("__") and not name.startswith("_assert")) \
             or node.kwargs.get("inplace") is True
     if node.op == "call_module":
         return getattr(modules.get(str(node.target)), "inplace", False) is True
@@ -47,6 +47,11 @@ def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 _VIEWS = frozenset({"view", "reshape", "getitem", "transpose", "permute", "expand", "expand_as", "narrow",
                     "squeeze", "unsqueeze", "flatten", "unflatten", "select", "as_strided", "t", "detach",
                     "view_as", "reshape_as", "split", "chunk", "unbind", "diagonal", "movedim", "slice"})
+
+
+def _function_name(target: Any) -> str:
+    """A call_function target's name; aten ops (export route) by their op: aten.add_.Tensor -> 'add_'."""
+    return target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "")
 
 
 def rewire_inplace(gm: fx.GraphModule) -> None:
@@ -77,8 +82,9 @@ def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if getattr(module, "inplace", False) is True:
             return _writes_observably(node, modules)
         return not type(module).__module__.startswith("torch.nn")
-    if node.op == "call_function" and getattr(node.target, "__name__", "") in ("_assert", "_assert_async", "print"):
-        return True
+    if node.op == "call_function" and (_function_name(node.target).startswith("_assert")
+                                       or _function_name(node.target) == "print"):
+        return True  # torch._assert, and the export route's aten._assert_scalar / _assert_tensor_metadata
     if node.op in ("call_method", "call_function") and is_inplace(node, modules):
         return _writes_observably(node, modules)
     return False
@@ -156,7 +162,11 @@ def shape_constants(gm: fx.GraphModule, layouts) -> dict[fx.Node, int]:
                 or (node.op == "call_method" and node.target in ("dim", "ndimension"))):
             found[node] = len(rank_of.shape)  # the rank is fixed by the architecture
             continue
-        if node.op == "call_method" and op.name == "size" and node.args:
+        if op.name == "sym_size" and len(node.args) > 1 and isinstance(node.args[0], fx.Node):
+            v = value(node.args[0], node.args[1])  # aten.sym_size.int(x, dim): export-route graphs
+            if v is not None:
+                found[node] = v
+        elif node.op == "call_method" and op.name == "size" and node.args:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if isinstance(dim, int) and isinstance(node.args[0], fx.Node):
                 v = value(node.args[0], dim)

@@ -10,6 +10,8 @@ both through one view, :class:`Layer`, so each folding rule is written once.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,25 +21,48 @@ from torch import fx, nn
 from .edit import copy_meta, unique_attr_name
 from .ops import argument, op_of
 
-__all__ = ["Layer", "LayerIndex", "layer_of", "set_parameter"]
+__all__ = ["Layer", "LayerIndex", "layer_of", "set_parameter", "call_argument", "set_call_argument"]
 
-# Functional signatures: the positions of the arguments fuse reads (keywords have the same names).
-_SIGNATURES = {
-    "conv": {"weight": 1, "bias": 2, "padding": 4, "groups": 6},  # conv2d(x, w, b, stride, padding, dilation, groups)
-    "conv_transpose": {"weight": 1, "bias": 2, "groups": 6},  # (x, w, b, stride, padding, output_padding, groups)
-    "linear": {"weight": 1, "bias": 2},
-    "batch_norm": {"weight": 3, "bias": 4, "running_mean": 1, "running_var": 2, "training": 5, "eps": 7},  # F.batch_norm(x, mean, var, w, b, ...)
-    "group_norm": {"weight": 2, "bias": 3},  # (x, num_groups, w, b, eps)
-    "layer_norm": {"normalized_shape": 1, "weight": 2, "bias": 3},  # (x, normalized_shape, w, b, eps)
-}
-# aten.batch_norm (exported programs) orders them differently: (x, w, b, mean, var, training, momentum, eps, cudnn)
-_ATEN_BATCH_NORM = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4, "training": 5, "eps": 7}
+# The layers fuse can fold into, by canonical op name.
+_LAYERS = frozenset({"conv", "conv_transpose", "linear", "batch_norm", "group_norm", "layer_norm"})
 
 
-def _signature(node: fx.Node, name: str) -> dict[str, int]:
-    if name == "batch_norm" and node.target is torch.ops.aten.batch_norm.default:
-        return _ATEN_BATCH_NORM
-    return _SIGNATURES[name]
+@functools.lru_cache(maxsize=None)
+def _positions(target: Any) -> dict[str, int] | None:
+    """Argument name -> position for a functional call's target, read from the op itself: the
+    schema of an aten op (``aten.batch_norm(input, weight, bias, running_mean, ...)``), the Python
+    signature of a torch.nn.functional function (``F.batch_norm(input, running_mean, ...)``), or,
+    for a torch builtin without one (``torch.conv2d``, ``torch.batch_norm``), the schema of the
+    aten op of the same name."""
+    if isinstance(target, torch._ops.OpOverload):
+        return {a.name: i for i, a in enumerate(target._schema.arguments)}
+    try:
+        return {name: i for i, name in enumerate(inspect.signature(target).parameters)}
+    except (TypeError, ValueError):
+        pass
+    packet = getattr(torch.ops.aten, getattr(target, "__name__", ""), None)
+    if isinstance(packet, torch._ops.OpOverloadPacket) and packet.overloads():
+        overload = "default" if "default" in packet.overloads() else packet.overloads()[0]
+        return _positions(getattr(packet, overload))
+    return None
+
+
+def call_argument(node: fx.Node, name: str, default: Any = None) -> Any:
+    """The argument ``name`` of a functional call, by keyword or at the position its op's
+    signature gives it (``default`` if absent)."""
+    position = (_positions(node.target) or {}).get(name)
+    if position is None:
+        return node.kwargs.get(name, default)
+    return argument(node, position, name, default)
+
+
+def set_call_argument(node: fx.Node, name: str, value: Any) -> None:
+    """Set the argument ``name`` of a functional call where it is passed (as a keyword if it is not)."""
+    position = (_positions(node.target) or {}).get(name)
+    if position is None:
+        node.update_kwarg(name, value)
+    else:
+        _set_argument(node, position, name, value)
 
 
 def set_parameter(owner: nn.Module, name: str, value: torch.Tensor | None) -> None:
@@ -102,8 +127,7 @@ class Layer:
             set_parameter(self.module, which, value)
             return
         gm = self.node.graph.owning_module
-        index = _signature(self.node, self.name)[which]
-        current = argument(self.node, index, which)
+        current = call_argument(self.node, which)
         if isinstance(current, fx.Node):
             owner, attr = _owner(gm, str(current.target))
             set_parameter(owner, attr, value)
@@ -114,23 +138,23 @@ class Layer:
             getter = gm.graph.get_attr(attr)
         copy_meta(self.node, getter)
         getter.meta.pop("tensor_meta", None)
-        _set_argument(self.node, index, which, getter)
+        set_call_argument(self.node, which, getter)
 
 
     def argument(self, which: str) -> Any:
         """What a functional call passes for ``which`` ("weight", "bias" ...): a node, a constant, None."""
-        return argument(self.node, _signature(self.node, self.name)[which], which)
+        return call_argument(self.node, which)
 
     def pass_argument(self, which: str, value: fx.Node) -> None:
         """Make a functional call read ``which`` from ``value``, a node computing it in the graph
         (convert's training fast path: ``weight * gate``)."""
-        _set_argument(self.node, _signature(self.node, self.name)[which], which, value)
+        set_call_argument(self.node, which, value)
 
 
 def layer_of(node: fx.Node, index: LayerIndex) -> Layer | str:
     """The layer ``node`` calls, or the reason fuse cannot change its parameters."""
     op = op_of(node, index)
-    if op.name not in _SIGNATURES:
+    if op.name not in _LAYERS:
         what = type(op.module).__name__ if op.module is not None else op.name
         return f"'{node.target if node.op == 'call_module' else node.name}' ({what}) cannot absorb a per-channel constant"
     if node.op == "call_module":
@@ -171,8 +195,9 @@ def _module_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
 
 def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | str:
     gm = index.gm
-    signature = _signature(node, name)
-    read = lambda key, default=None: (argument(node, signature[key], key, default) if key in signature else default)
+    if _positions(node.target) is None:
+        return f"'{node.name}' ({name}): asrfx cannot read the arguments of {node.target}"
+    read = lambda key, default=None: call_argument(node, key, default)  # noqa: E731
     values: dict[str, Any] = {}
     computed: dict[str, fx.Node] = {}
     for which in ("weight", "bias"):
@@ -191,15 +216,16 @@ def _functional_layer(node: fx.Node, name: str, index: LayerIndex) -> Layer | st
     if isinstance(read("groups", 1), fx.Node):
         return f"'{node.name}' ({name}) computes its groups at run time (per-sample kernels)"
     training = read("training")
-    if isinstance(training, fx.Node):  # a read of the GraphModule's own training flag
-        training = gm.training if training.op == "get_attr" and training.target == "training" else True
+    if isinstance(training, fx.Node):  # a read of a module's training flag (graph.modes), else computed
+        flag = training.op == "get_attr" and str(training.target).rpartition(".")[2] == "training"
+        training = bool(_fetch(gm, str(training.target))) if flag else True
     mean, var, eps, shape, bias_arg = (read("running_mean"), read("running_var"), read("eps"),
                                       read("normalized_shape"), read("bias"))
     stored = lambda arg: _fetch(gm, str(arg.target)) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
     return Layer(
         node=node, name=name, label=node.name, module=None,
         weight=values["weight"], bias=values["bias"], computed=computed,
-        groups=int(read("groups", 1) or 1), padded=_padded(read("padding", 0)),
+        groups=int(read("groups", 1) or 1), padded=name == "conv" and _padded(read("padding", 0)),
         normalized_shape=tuple(shape) if shape is not None else None,
         running_mean=stored(mean), running_var=stored(var),
         eps=1e-5 if eps is None else float(eps),

@@ -20,6 +20,7 @@ from torch import fx, nn
 __all__ = [
     "Op",
     "op_of",
+    "module_op",
     "node_shape",
     "node_shapes",
     "is_tensor_node",
@@ -32,6 +33,8 @@ __all__ = [
     "COMBINE_ADD",
     "SHAPE_QUERIES",
     "SHAPE_ONLY_OPERAND",
+    "FROM_SHAPE",
+    "RANDOM",
     "data_inputs",
     "data_readers",
     "is_shape_query",
@@ -67,8 +70,16 @@ RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "uns
 BROADCASTS = frozenset({"expand", "expand_as", "broadcast_to", "contiguous", "clone", "repeat", "tile"})
 COMBINE_MUL = frozenset({"mul"})
 COMBINE_ADD = frozenset({"add"})
-# Ops whose second operand only lends its shape or dtype: x.expand_as(y) reads no data of y.
-SHAPE_ONLY_OPERAND = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})
+# Ops whose second operand only lends its shape, dtype or device: x.expand_as(y), x.to(y) read no data of y.
+SHAPE_ONLY_OPERAND = frozenset({"expand_as", "view_as", "reshape_as", "type_as", "to"})
+# Ops that make a new tensor from their first operand's shape, dtype or device only: zeros_like(x), x.new_ones(n).
+FROM_SHAPE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+                        "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
+# Ops whose values are drawn at random (or left uninitialized): never a constant, whatever they read
+# (stochastic depth's x.new_empty(n, 1, 1, 1).bernoulli_(p) is not a gate to fold).
+RANDOM = frozenset({"bernoulli", "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "normal",
+                    "uniform", "exponential", "geometric", "log_normal", "cauchy", "random", "multinomial",
+                    "randperm", "empty", "empty_like", "new_empty", "native_dropout"})
 # Non-tensor queries of a tensor's shape: they carry no data of the tensor.
 SHAPE_QUERIES = frozenset({"size", "dim", "numel", "shape", "ndim", "ndimension", "device", "dtype"})
 
@@ -85,7 +96,10 @@ _ALIASES = {
     "dropout1d": "dropout", "dropout2d": "dropout", "dropout3d": "dropout",
     "alpha_dropout": "dropout", "feature_alpha_dropout": "dropout",
     "upsample": "interpolate", "upsample_nearest": "interpolate", "upsample_bilinear": "interpolate",
+    "constant_pad_nd": "pad", "_pad_circular": "pad",
 }
+# Every spelling of padding (F.pad, aten.reflection_pad2d, ...) is one op: it keeps what each axis means.
+_PAD_NAME = re.compile(r"^(reflection|replication|circular|constant|zero)_?pad(\dd)?$")
 
 # torch.nn module types -> canonical op (checked with isinstance, most specific first).
 _MODULE_OPS: list[tuple[type, str]] = [
@@ -115,6 +129,9 @@ _MODULE_OPS: list[tuple[type, str]] = [
     (nn.ELU, "elu"), (nn.SELU, "selu"), (nn.CELU, "celu"), (nn.Hardtanh, "hardtanh"),
     (nn.Softmax, "softmax"), (nn.LogSoftmax, "log_softmax"), (nn.Softplus, "softplus"),
     (nn.Upsample, "interpolate"),
+    (nn.modules.padding._ConstantPadNd, "pad"), (nn.modules.padding._ReflectionPadNd, "pad"),
+    (nn.modules.padding._ReplicationPadNd, "pad"), (nn.modules.padding._CircularPadNd, "pad"),
+    (nn.PixelShuffle, "pixel_shuffle"), (nn.PixelUnshuffle, "pixel_unshuffle"),
     (nn.Embedding, "embedding"),
 ]
 
@@ -141,6 +158,8 @@ def _canonical(raw: str) -> tuple[str, int]:
     if name.endswith("_") and not name.endswith("__"):  # in-place spelling: mul_, relu_
         name = name[:-1]
     name = _ALIASES.get(name, name)
+    if _PAD_NAME.match(name):
+        return "pad", 0
     return _split_dims(name)
 
 
@@ -163,12 +182,7 @@ def op_of(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
     if node.op in ("placeholder", "output", "get_attr"):
         return Op(node.op)
     if node.op == "call_module":
-        module = modules.get(str(node.target))
-        for cls, name in _MODULE_OPS:
-            if isinstance(module, cls):
-                dims = _module_dims(module, name)
-                return Op(name, module, dims)
-        return Op("module", module)
+        return module_op(modules.get(str(node.target)))
     if node.op == "call_method":
         name, dims = _canonical(str(node.target))
         return Op(name, None, dims)
@@ -187,6 +201,14 @@ def op_of(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
     raw = target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
     name, dims = _canonical(raw)
     return Op(name, None, dims)
+
+
+def module_op(module: nn.Module | None) -> Op:
+    """The canonical operation of calling ``module``: "module" for a type asrfx has no name for."""
+    for cls, name in _MODULE_OPS:
+        if isinstance(module, cls):
+            return Op(name, module, _module_dims(module, name))
+    return Op("module", module)
 
 
 def _module_dims(module: nn.Module, name: str) -> int:
@@ -234,6 +256,8 @@ def data_inputs(node: fx.Node, op: Op) -> list[fx.Node]:
     """Input nodes whose *values* the node reads (not just their shape)."""
     if op.name in SHAPE_ONLY_OPERAND and node.args and isinstance(node.args[0], fx.Node):
         return [node.args[0]]
+    if op.name in FROM_SHAPE and node.args:
+        return [n for n in node.all_input_nodes if n is not node.args[0]]
     return node.all_input_nodes
 
 

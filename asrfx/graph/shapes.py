@@ -84,8 +84,13 @@ class _MetaInterpreter(fx.Interpreter):
             return torch.empty_like(args[0])
         return self.twins.module(module)(*args, **kwargs)
 
+    def placeholder(self, target, args, kwargs):
+        if str(target).startswith("*"):  # *args / **kwargs: one value each (capture.placeholder_values)
+            return next(self.args_iter)
+        return super().placeholder(target, args, kwargs)
+
     def get_attr(self, target, args, kwargs):
-        if target == "training":  # the GraphModule's own flag (train/eval constants read it): eval
+        if target == "training" or str(target).endswith(".training"):  # flags the graph reads: eval
             return False
         value = self.fetch_attr(target)
         return self.twins.tensor(value) if isinstance(value, torch.Tensor) else value
@@ -113,7 +118,7 @@ def _keeps_shape(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 def _device(gm: fx.GraphModule, inputs: Sequence[Any]) -> torch.device | None:
     """The one device of the inputs, parameters and buffers (None when they are on several)."""
-    devices = {t.device for t in inputs if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
     devices |= {t.device for t in gm.parameters()} | {t.device for t in gm.buffers()}
     return next(iter(devices)) if len(devices) == 1 else None
 
@@ -125,7 +130,7 @@ def meta_run(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[list[Any], list
     if device is None or device.type == "meta":
         return None
     runner = _MetaInterpreter(gm)
-    meta_inputs = [runner.twins.tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    meta_inputs = torch.utils._pytree.tree_map_only(torch.Tensor, runner.twins.tensor, list(inputs))
     try:
         with torch.no_grad():
             runner.run(*meta_inputs)

@@ -33,6 +33,7 @@ from torch import fx, nn
 from ..passes.contract import ASR_META, psi_names
 from ..passes.convert import CalibratedPsi, pooled_statistics, why_not_convertible
 from ..errors import AsrfxError
+from ..graph.capture import GraphRunner, placeholder_values
 from .moments import RunningMoments, relative_variation
 from ..passes.site import AttentionSite
 
@@ -267,7 +268,7 @@ class _Done(Exception):
     """Every watched value is captured: the rest of the forward is not needed."""
 
 
-class _Capture(fx.Interpreter):
+class _Capture(GraphRunner):
     """Runs a GraphModule and copies the watched nodes' values (float64, CPU) as they appear.
 
     Copies are taken at once: a later in-place op (``x.mul_(g)``) cannot change them.
@@ -363,11 +364,13 @@ def measure(
     progress: bool = False,
     total: int | None = None,
     also: Sequence[nn.Module] = (),
+    kwargs: dict[str, Any] | None = None,
 ) -> Measurement:
     """Run ``gm`` over ``batches`` (eval mode, no grad) and stream each probe's statistics.
 
     ``gm`` and the modules in ``also`` (the caller's model, whose submodules ``gm`` shares)
-    are in eval mode while running; every training flag is restored after.
+    are in eval mode while running; every training flag is restored after. ``kwargs``: keyword
+    inputs passed with every batch, as the graph was captured (``gm(*batch, **kwargs)``).
     """
     if not isinstance(keep_rows, int) or keep_rows < 0:
         raise ValueError(f"keep_rows must be a non-negative integer, got {keep_rows!r}")
@@ -383,7 +386,7 @@ def measure(
             if device is not None:
                 inputs = tuple(t.to(device) for t in inputs)
             n = inputs[0].shape[0] if inputs[0].dim() else 1
-            values = capture.capture(*inputs)
+            values = capture.capture(*placeholder_values(gm, inputs, kwargs))
             missing = [node.name for node in watch if node not in values]
             if missing:
                 raise AsrfxError(f"the forward did not compute {', '.join(sorted(missing))} on batch "
@@ -398,10 +401,11 @@ def measure(
 
 
 def calibrated_psi(gm: fx.GraphModule, sites: Sequence[AttentionSite],
-                   batches: Iterable[tuple[torch.Tensor, ...]], *, also: Sequence[nn.Module] = ()) -> CalibratedPsi:
+                   batches: Iterable[tuple[torch.Tensor, ...]], *, also: Sequence[nn.Module] = (),
+                   kwargs: dict[str, Any] | None = None) -> CalibratedPsi:
     """psi_init="calibrate": the mean of every pooled statistic of ``sites`` over ``batches``."""
     probes = gate_probes(gm, sites, asr_gates=False)
-    result = measure(gm, probes, batches, keep_rows=0, also=also)
+    result = measure(gm, probes, batches, keep_rows=0, also=also, kwargs=kwargs)
     means = {stat: mean for probe, rec in zip(probes, result.sites)
              for stat, mean in zip(probe.stats, rec.pooled_mean)}
     return CalibratedPsi(means, result.samples, result.batches)

@@ -35,7 +35,10 @@ from torch import fx, nn
 from .detect import pool_branch
 from ..errors import AsrfxError
 from ..graph.edit import copy_meta, shape_constants, finish, set_module, substitute, unique_attr_name
-from ..graph.ops import is_shape_query, node_shape, node_shapes, op_of
+from ..graph.capture import CaptureRoute
+from ..graph.layers import call_argument, set_call_argument
+from ..graph.modes import is_counter
+from ..graph.ops import is_shape_query, module_path_of, node_shape, node_shapes, op_of
 from .contract import Role, mark, psi_names
 from .site import AttentionSite, Combine
 
@@ -80,6 +83,7 @@ class ConvertReport:
     sites: list[ConvertedSite] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
     notes: list[str] = field(default_factory=list)
+    capture: CaptureRoute | None = None  # how the model was captured (torch.fx or torch.export), and why
     # (site path, x, gate, combine) of every gate application in the converted graph
     applications: list[tuple[str, fx.Node, fx.Node, fx.Node]] = field(default_factory=list, repr=False)
 
@@ -99,6 +103,8 @@ class ConvertReport:
                          + ", ".join(s.psi) + ("; " + "; ".join(extra) if extra else ""))
         for path, reason in self.skipped:
             lines.append(f"  skipped {path or '(top level)'}: {reason}")
+        if self.capture is not None and self.capture.name == "export":
+            lines.append(f"  {self.capture}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -201,7 +207,14 @@ def _new_psi(gm, owner_path, name, value, site, stat) -> tuple[str, fx.Node]:
 
 
 def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node], modules) -> list[str]:
-    """BatchNorms in the psi branch use running statistics (a trainable affine)."""
+    """BatchNorms in the psi branch use running statistics (a trainable affine).
+
+    A module call becomes ``F.batch_norm(..., training=False)``; a functional call (timm's
+    BatchNormAct2d, the aten graphs of the export route) gets ``training=False`` wherever its
+    signature puts it, and the train-mode count of its module's batches (``num_batches_tracked
+    += 1``, which a module call would no longer make either) goes. Without running statistics
+    the call keeps normalizing with batch statistics.
+    """
     frozen = []
     for node in nodes:
         op = op_of(node, modules)
@@ -222,14 +235,20 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node], modules) -> list[str
             gm.graph.erase_node(node)
             frozen.append(path)
         elif node.op == "call_function":
-            args = list(node.args)
-            if len(args) > 5:
-                args[5] = args[1] is None  # training flag: batch statistics only if none are kept
-                node.args = tuple(args)
-            elif "training" in node.kwargs:
-                node.kwargs = {**node.kwargs, "training": args[1] is None if len(args) > 1 else False}
+            set_call_argument(node, "training", call_argument(node, "running_mean") is None)
             frozen.append(node.name)
+    _drop_counters(gm, {module_path_of(n) for n in nodes if n.op == "call_function" and n.name in frozen}, modules)
     return frozen
+
+
+def _drop_counters(gm: fx.GraphModule, paths: set[str | None], modules) -> None:
+    """The batch counts of modules whose every batch_norm call now uses running statistics
+    (keep mode's copies leave the original call counting)."""
+    norms = [n for n in gm.graph.nodes if n.op == "call_function" and op_of(n, modules).name == "batch_norm"]
+    for path in paths - {None, ""}:
+        if all(call_argument(n, "training") is False for n in norms if module_path_of(n) == path):
+            for counter in [n for n in gm.graph.nodes if is_counter(n) and module_path_of(n) == path]:
+                gm.graph.erase_node(counter)
 
 
 _INT_OPS = {operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,

@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from networkx.utils import UnionFind
 from torch import fx, nn
 
-from ..graph.layout import has_spatial, infer_layouts, is_channel
+from ..graph.layout import has_spatial, infer_layouts, is_channel, is_unknown, unknown_origins
 from ..graph.ops import (
-    BROADCASTS, COMBINE_ADD, COMBINE_MUL, CONTRACTIONS, POOLS, REDUCTIONS, Op, data_inputs,
+    BROADCASTS, COMBINE_ADD, COMBINE_MUL, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, data_inputs,
     is_shape_query, node_shape, op_of,
 )
 from ..graph.layers import LayerIndex
 from ..graph.ops import module_path_of  # noqa: F401 (re-exported: detect.module_path_of)
-from .absorb import plan_consumers, plan_producer, residual_add, static_sign
-from .site import Absorption, AttentionSite, Combine, GateUse, Rejection, SiteKind
+from .absorb import label_of, plan_consumers, plan_producer, residual_add, static_sign
+from .site import Absorption, AttentionSite, Combine, GateUse, LayoutLoss, Rejection, SiteKind, Verdict
 
 __all__ = ["Flow", "Detection", "analyse_flow", "detect", "module_path_of", "pool_branch"]
 
@@ -99,7 +99,12 @@ def _removes_space(node: fx.Node, op: Op, layouts) -> bool:
         return _contracts_space(node, op, layouts)
     src = node.args[0] if node.args else None
     lay = layouts.get(src) if isinstance(src, fx.Node) else None
-    return isinstance(lay, tuple) and any("S" in t for t in lay if isinstance(t, str))
+    if not (isinstance(lay, tuple) and all(isinstance(t, str) for t in lay)):
+        return False
+    if op.name in POOLS:  # a pool works on its last k axes, positions by definition, even if unknown
+        pooled = lay[-(op.dims or max(len(lay) - 2, 1)):]
+        return any("S" in t or "?" in t for t in pooled)
+    return any("S" in t for t in lay)
 
 
 def _contracts_space(node: fx.Node, op: Op, layouts) -> bool:
@@ -183,14 +188,21 @@ class Detection:
     """What the detection pass found in one graph."""
 
     sites: list[AttentionSite] = field(default_factory=list)  # in graph order of the first combine
-    rejections: list[Rejection] = field(default_factory=list)  # near-misses, with reasons
+    rejections: list[Rejection] = field(default_factory=list)  # near-misses and attention-like refusals, with reasons
+    layout_losses: list[LayoutLoss] = field(default_factory=list)  # where the axis layout became unknown
     flows: dict[fx.Node, Flow] = field(default_factory=dict, repr=False)  # dataflow of every node
 
 
 @dataclass(frozen=True)
 class _Match:
-    use: GateUse
-    channel_dim: int
+    use: GateUse  # the gate application found
+    channel_dim: int  # the axis of x it scales
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    reason: str  # why a pooled gate is not a per-sample, per-channel gate on x
+    undecided: bool = False  # the layout or shapes were not known well enough to tell
 
 
 def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -208,27 +220,28 @@ def _strip_broadcast(node: fx.Node, modules) -> fx.Node:
     return node
 
 
-def _check_gate(x: fx.Node, g: fx.Node, combine: fx.Node, layouts) -> tuple[int | None, str]:
-    """Legality of g as a per-sample, per-channel gate on x; returns (channel_dim, reason)."""
+def _check_gate(x: fx.Node, g: fx.Node, combine: fx.Node, layouts) -> tuple[int | None, _Refusal | None]:
+    """Legality of g as a per-sample, per-channel gate on x; returns (channel_dim, refusal)."""
     xs, gs, out = node_shape(x), node_shape(g), node_shape(combine)
     xl, gl = layouts.get(x), layouts.get(g)
     if xs is None or gs is None or not isinstance(xl, tuple) or not isinstance(gl, tuple):
-        return None, "no shape information for the operands"
+        return None, _Refusal("no shape information for the operands", undecided=True)
     if out != xs or len(gs) > len(xs):
-        return None, f"the gate {tuple(gs)} does not broadcast into the feature map {tuple(xs)}"
+        return None, _Refusal(f"the gate {tuple(gs)} does not broadcast into the feature map {tuple(xs)}")
     if len(xs) < 2:
-        return None, "the feature map has no channel axis"
+        return None, _Refusal("the feature map has no channel axis")
     offset = len(xs) - len(gs)
     gsize = [1] * offset + list(gs)
     gtags = ["1"] * offset + list(gl)
     if xs[0] > 1 and gsize[0] == 1:
-        return None, "the gate is shared by every sample (pooled over the batch)"
+        return None, _Refusal("the gate is shared by every sample (pooled over the batch)")
     if any("?" in t for t in xl):  # unknown layout: per-channel means one full-size axis
         full = [d for d in range(1, len(xs)) if gsize[d] == xs[d] and xs[d] > 1]
         rest = [d for d in range(1, len(xs)) if d not in full and gsize[d] != 1]
         if len(full) == 1 and not rest and len(xs) >= 3:
-            return full[0], ""
-        return None, f"cannot tell the channel axis of {tuple(xs)} for gate {tuple(gs)}"
+            return full[0], None
+        return None, _Refusal(f"cannot tell the channel axis of {tuple(xs)} (axes tagged {_tags(xl)}) "
+                              f"for gate {tuple(gs)}", undecided=True)
     channel = None
     for d in range(1, len(xs)):
         tag = xl[d]
@@ -237,36 +250,217 @@ def _check_gate(x: fx.Node, g: fx.Node, combine: fx.Node, layouts) -> tuple[int 
         elif is_channel(tag) or tag == "O":
             continue
         elif gsize[d] != 1 or has_spatial(gtags[d]) or "G" in gtags[d]:
-            return None, f"the gate varies along axis {d} of x (tagged {tag}): not a per-channel gate"
+            return None, _Refusal(f"the gate varies along axis {d} of x (tagged {tag}): not a per-channel gate")
     if channel is None:
-        return None, f"the gate {tuple(gs)} has no full-size channel axis of x {tuple(xs)}"
+        return None, _Refusal(f"the gate {tuple(gs)} has no full-size channel axis of x {tuple(xs)}")
     if not any(has_spatial(xl[d]) for d in range(1, len(xs)) if d != channel):
-        return None, "the feature map has no spatial or token axis to pool over"
-    return channel, ""
+        return None, _Refusal("the feature map has no spatial or token axis to pool over")
+    return channel, None
 
 
-def _match_combine(node: fx.Node, op: Op, flows, layouts, modules) -> tuple[list[_Match], list[str]]:
+def _match_combine(node: fx.Node, op: Op, flows, layouts, modules) -> tuple[list[_Match], list[_Refusal]]:
     pair = _operands(node)
     if pair is None:
         return [], []
-    matches, reasons = [], []
+    matches, refusals = [], []
     for x, operand in (pair, pair[::-1]):
         fx_, fg = flows.get(x, CONST), flows.get(operand, CONST)
         if not fx_.spatial or not fg.pooled:
             continue
         gate = _strip_broadcast(operand, modules)
         if not fg.learned:
-            reasons.append("the gate is computed from pooled statistics with no learned op in "
-                           "between: a normalization (FRN, GRN, instance norm), not attention")
+            refusals.append(_Refusal("the gate is computed from pooled statistics with no learned op in "
+                                     "between: a normalization (FRN, GRN, instance norm), not attention"))
             continue
-        channel, why = _check_gate(x, gate, node, layouts)
+        channel, refusal = _check_gate(x, gate, node, layouts)
         if channel is None:
-            reasons.append(why)
+            refusals.append(refusal)
             continue
         kind = Combine.MUL if op.name in COMBINE_MUL else Combine.ADD
         matches.append(_Match(GateUse(x, gate, operand, node, kind), channel))
         break
-    return matches, reasons
+    return matches, refusals
+
+
+# -- never a silent miss ---------------------------------------------------------------
+#
+# A combine is *attention-like* when one operand g is a gate-like activation (sigmoid,
+# hard sigmoid, softmax, tanh, relu6/hardtanh of a hand-written hard sigmoid; reached
+# through broadcasts, reshapes, casts, arithmetic with non-feature-map values and ops asrfx
+# has no name for) of values computed by at least one learned op from a reduction that
+# leaves no spatial axis (by the layout), and that reduction reads x or a tensor computed
+# from x (or one x is computed from a few ops later). Every attention-like combine that is
+# not a site is kept as a Rejection (docs/architecture.md, "Never a silent miss").
+
+# Activations that squash a value into a gate.
+_GATE_ACTIVATIONS = frozenset({"sigmoid", "hardsigmoid", "softmax", "tanh", "relu6", "hardtanh"})
+# Ops between a gate activation and the combine that keep it a gate.
+_GATE_CARRIERS = BROADCASTS | RESHAPES | frozenset(
+    {"getitem", "permute", "transpose", "to", "type_as", "float", "half", "dropout", "identity",
+     "mul", "div", "add", "sub"})
+# Elementwise ops other than mul/add that may join a feature map and a gate.
+_OTHER_COMBINES = frozenset({"div", "sub", "einsum"})
+_WALK_LIMIT = 64  # nodes examined behind a gate: an excitation is small
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    x: fx.Node  # the feature map the gate meets
+    pool: fx.Node  # the reduction the gate is computed from
+    activation: fx.Node  # the gate-like activation
+    nodes: frozenset[fx.Node]  # nodes between the combine and the reduction (activation included)
+
+
+def _reads_data(flow: Flow) -> bool:
+    return flow.spatial or bool(flow.pools)
+
+
+def _gate_activation(g: fx.Node, x: fx.Node, flows, modules, limit: int = 8) -> tuple[fx.Node | None, tuple]:
+    """The gate-like activation that ``g`` carries (through broadcasts, reshapes, casts,
+    arithmetic and ops asrfx has no name for), and the nodes on the way to it."""
+    stack, seen = [(g, ())], set()
+    while stack and len(seen) < _WALK_LIMIT:
+        node, path = stack.pop()
+        if node in seen or len(path) > limit:
+            continue
+        seen.add(node)
+        op = op_of(node, modules)
+        if op.name in _GATE_ACTIVATIONS:
+            return node, path
+        data = [i for i in data_inputs(node, op) if _reads_data(flows.get(i, CONST))]
+        if op.name in ("function", "module"):  # an op asrfx does not read: any input may carry the gate
+            stack.extend((i, path + (node,)) for i in data if i is not x)
+        elif op.name in _GATE_CARRIERS and (len(data) == 1 or not any(flows.get(i, CONST).spatial for i in data)):
+            # a gate times a feature map is a gated feature map, not a gate (x + x * g is no gate)
+            stack.extend((i, path + (node,)) for i in data if i is not x)
+    return None, ()
+
+
+def _looks_global(node: fx.Node, layouts) -> bool:
+    """A reduction whose result has no spatial axis left, by the layout."""
+    out = layouts.get(node)
+    if not isinstance(out, tuple):
+        return False
+    parts = out if out and not isinstance(out[0], str) else (out,)
+    return all(p is not None and not any("S" in t for t in p) for p in parts)
+
+
+def _attention_like(x: fx.Node, g: fx.Node, flows, layouts, modules) -> _Pattern | None:
+    if not _reads_data(flows.get(x, CONST)) or not _reads_data(flows.get(g, CONST)):
+        return None
+    act, carriers = _gate_activation(g, x, flows, modules)
+    if act is None:
+        return None
+    walked: set[fx.Node] = set()
+    pools: list[fx.Node] = []
+    stack = [act]
+    while stack and len(walked) < _WALK_LIMIT:
+        n = stack.pop()
+        if n in walked or n is x:
+            continue
+        op = op_of(n, modules)
+        if n is not act and (op.name in REDUCTIONS or op.name in POOLS or op.name in CONTRACTIONS) \
+                and _looks_global(n, layouts):
+            pools.append(n)  # not past it: behind a pooling lies the feature map
+            continue
+        walked.add(n)
+        stack.extend(i for i in data_inputs(n, op) if _reads_data(flows.get(i, CONST)))
+    for pool in pools:
+        src = pool.args[0] if pool.args and isinstance(pool.args[0], fx.Node) else None
+        if src is None or not (src is x or _reaches_from({x}, src) or _reaches_from({src}, x, limit=8)):
+            continue
+        if any(_learned_node(n, flows, modules) and _reaches_from({pool}, n) for n in walked):
+            return _Pattern(x, pool, act, frozenset(walked) | frozenset(carriers))
+    return None
+
+
+def _learned_node(node: fx.Node, flows, modules) -> bool:
+    op = op_of(node, modules)
+    return _is_learned(node, op, [flows.get(i, CONST) for i in data_inputs(node, op)])
+
+
+def _combine_pairs(node: fx.Node, op: Op) -> list[tuple[fx.Node, fx.Node]]:
+    """(x, g) candidates of a combine, both orders."""
+    if op.name == "einsum":  # elementwise only: every summed-over letter would mix values
+        eq = node.args[0] if node.args and isinstance(node.args[0], str) else ""
+        ops = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+        lhs, _, rhs = eq.replace(" ", "").partition("->")
+        if len(ops) != 2 or not rhs or set(lhs) - {","} - set(rhs):
+            return []
+        return [(ops[0], ops[1]), (ops[1], ops[0])]
+    pair = _operands(node)
+    return [pair, pair[::-1]] if pair is not None else []
+
+
+def _refuse(node: fx.Node, op: Op, refusals: list[_Refusal], flows, layouts, modules, origins,
+            order) -> Rejection | None:
+    """The rejection of a combine that is not a site: a near-miss or an attention-like pattern."""
+    pattern = next((p for x, g in _combine_pairs(node, op)
+                    if (p := _attention_like(x, g, flows, layouts, modules)) is not None), None)
+    where = module_path_of(node) or ""
+    if refusals:
+        first = refusals[0]
+        verdict = Verdict.NOT_ATTENTION if pattern is None else \
+            Verdict.UNDECIDED if first.undecided else Verdict.NOT_CHANNEL
+        return Rejection(node, where, first.reason, verdict)
+    if pattern is None:
+        return None
+    if op.name in _OTHER_COMBINES:
+        reason = (f"the gate '{_place(pattern.activation)}' meets the feature map through {op.name}, not a "
+                  "multiply or an add: asrfx converts x * g and x + g only; write it as one to have it converted")
+        return Rejection(node, where, reason, Verdict.UNDECIDED)
+    reason, verdict = _why_missed(pattern, flows, layouts, modules, origins, order)
+    return Rejection(node, where, reason, verdict)
+
+
+def _place(node: fx.Node) -> str:
+    """A node as a human finds it in the model: the module it calls, else its module path and name."""
+    path = module_path_of(node)
+    return f"{path}:{node.name}" if path and node.op != "call_module" else label_of(node)
+
+
+def _label(op: Op) -> str:
+    return type(op.module).__name__ if op.module is not None else op.name
+
+
+def _tags(layout) -> str:
+    return "(" + ", ".join(layout) + ")" if isinstance(layout, tuple) else "(none)"
+
+
+def _why_missed(p: _Pattern, flows, layouts, modules, origins, order) -> tuple[str, Verdict]:
+    """Why the dataflow did not read an attention-like pattern as a pooled gate, and whether
+    that is a definite verdict (the gate also varies with position) or asrfx could not tell."""
+    if not flows.get(p.x, CONST).spatial:
+        pools = ", ".join(sorted(f"'{_place(n)}'" for n in flows[p.x].pools))
+        return (f"'{_place(p.x)}' depends on the input only through global reductions ({pools}), so it does "
+                "not read as a feature map"), Verdict.UNDECIDED
+    pool_op = _label(op_of(p.pool, modules))
+    if flows.get(p.pool, CONST).spatial:  # the pooling was not read as a global reduction
+        src = p.pool.args[0]
+        lay = layouts.get(src)
+        if is_unknown(lay):
+            lost = origins.get(src, src)
+            return (f"'{_place(p.pool)}' ({pool_op}) pools a tensor whose axes asrfx cannot tell apart "
+                    f"{_tags(lay)}, the layout being unknown from '{_place(lost)}' "
+                    f"({_label(op_of(lost, modules))}) on: it is not read as a global pooling"), Verdict.UNDECIDED
+        return (f"'{_place(p.pool)}' ({pool_op}) reduces a tensor tagged {_tags(lay)} to {_tags(layouts.get(p.pool))}: "
+                "by the layout no spatial axis is pooled, so it is not read as a global pooling"), Verdict.UNDECIDED
+    spatial = [n for n in sorted(p.nodes, key=order.get) if flows.get(n, CONST).spatial]
+    opaque = [n for n in spatial if op_of(n, modules).name in ("function", "module")]
+    if opaque:
+        return (f"the gate also reads the feature map through '{_place(opaque[0])}' "
+                f"({_label(op_of(opaque[0], modules))}), which asrfx does not read"), Verdict.UNDECIDED
+    if spatial:  # a gate computed per position as well (BAM: channel gate times a spatial map)
+        return (f"the gate also varies with position: it reads the feature map through '{_place(spatial[0])}' "
+                f"({_label(op_of(spatial[0], modules))}) besides the global pooling"), Verdict.NOT_CHANNEL
+    return "the gate does not depend on the input through global reductions alone", Verdict.UNDECIDED
+
+
+def _layout_losses(gm: fx.GraphModule, origins, modules) -> list[LayoutLoss]:
+    counts: dict[fx.Node, int] = {}
+    for origin in origins.values():
+        counts[origin] = counts.get(origin, 0) + 1
+    return [LayoutLoss(n, module_path_of(n) or "", _label(op_of(n, modules)), k) for n, k in counts.items()]
 
 
 def detect(gm: fx.GraphModule, layouts=None) -> Detection:
@@ -275,16 +469,20 @@ def detect(gm: fx.GraphModule, layouts=None) -> Detection:
     if layouts is None:
         layouts = infer_layouts(gm)
     flows = analyse_flow(gm, layouts, modules)
-    result = Detection(flows=flows)
+    origins = unknown_origins(gm, layouts)
+    result = Detection(flows=flows, layout_losses=_layout_losses(gm, origins, modules))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     matches: list[_Match] = []
     for node in gm.graph.nodes:
         op = op_of(node, modules)
-        if op.name not in COMBINE_MUL and op.name not in COMBINE_ADD:
+        found, refusals = [], []
+        if op.name in COMBINE_MUL or op.name in COMBINE_ADD:
+            found, refusals = _match_combine(node, op, flows, layouts, modules)
+        elif op.name not in _OTHER_COMBINES:
             continue
-        found, reasons = _match_combine(node, op, flows, layouts, modules)
         matches.extend(found)
-        if not found and reasons:
-            result.rejections.append(Rejection(node, module_path_of(node) or "", reasons[0]))
+        if not found and (rejection := _refuse(node, op, refusals, flows, layouts, modules, origins, order)):
+            result.rejections.append(rejection)
     # Gates computed from the same pooled statistics belong to one block (split attention).
     groups = UnionFind()
     for m in matches:
@@ -293,7 +491,6 @@ def detect(gm: fx.GraphModule, layouts=None) -> Detection:
     by_root: dict[fx.Node, list[_Match]] = {}
     for m in matches:
         by_root.setdefault(groups[m.use.combine], []).append(m)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for group in by_root.values():
         result.sites.append(_record(group, flows, layouts, modules, order))
     result.sites.sort(key=lambda s: order[s.combine])
@@ -389,15 +586,22 @@ def _classify(uses, pools, excitation, layouts, modules) -> SiteKind:
         return SiteKind.SRM
     if pool_ops & _AVG_POOLS and pool_ops & _MAX_POOLS:
         return SiteKind.CBAM_CHANNEL
-    mixers = [op for n, op in ex_ops if op.name in ("linear", "conv", "conv_transpose", "matmul", "mm",
-                                                   "bmm", "einsum", "addmm", "module", "bilinear")]
-    if mixers and all(op.name == "conv" and op.dims == 1 for op in mixers):
+    mixers = [(n, op) for n, op in ex_ops if op.name in ("linear", "conv", "conv_transpose", "matmul", "mm",
+                                                         "bmm", "einsum", "addmm", "module", "bilinear")]
+    if mixers and all(op.name == "conv" and _slides_over_channels(n, layouts) for n, op in mixers):
         return SiteKind.ECA
     if not mixers:
         return SiteKind.IE
     if pool_ops <= _AVG_POOLS:
         return SiteKind.SE
     return SiteKind.OTHER
+
+
+def _slides_over_channels(conv: fx.Node, layouts) -> bool:
+    """ECA's conv1d: its window moves along the channels (a 1-d SE's 1x1 Conv1d mixes them instead)."""
+    src = conv.args[0] if conv.args else None
+    lay = layouts.get(src) if isinstance(src, fx.Node) else None
+    return isinstance(lay, tuple) and any(is_channel(t) for t in lay[2:] if isinstance(t, str))
 
 
 def _gates_over_groups(use: GateUse, layouts) -> bool:

@@ -32,7 +32,7 @@ from ..algebra.fold import fold_input_scale, scale_along
 from ..graph.dataflow import ancestors
 from ..graph.edit import copy_meta, finish, set_module
 from ..graph.layers import Layer, LayerIndex, layer_of
-from ..graph.ops import argument, node_shape, op_of
+from ..graph.ops import node_shape, op_of
 from ..nn.gated_layers import GATED, gated_layer
 from ..nn.gated_norm import GatedBatchNorm
 from .absorb import Target, plan_consumers, plan_producer, static_sign

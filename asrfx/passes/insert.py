@@ -17,7 +17,8 @@ from torch import fx, nn
 from ..errors import AsrfxError
 from ..graph.edit import unique_attr_name
 from ..graph.layout import is_channel
-from ..graph.ops import node_shape, op_of
+from ..graph.ops import module_path_of, node_shape, op_of
+
 
 __all__ = ["InsertionPoint", "insertion_points", "insert_modules"]
 
@@ -42,10 +43,18 @@ def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return depth
 
 
+def _norm_path(node: fx.Node, modules) -> str | None:
+    """The module path of a normalization layer's call: a module call, or a functional call
+    (export-route graphs) made by a module."""
+    if op_of(node, modules).name not in _NORMS:
+        return None
+    return str(node.target) if node.op == "call_module" else module_path_of(node)
+
+
 def _last_norm(node: fx.Node, modules, limit: int = 32) -> fx.Node | None:
-    """Walk back along first inputs to the nearest normalization module."""
+    """Walk back along first inputs to the nearest normalization layer."""
     for _ in range(limit):
-        if node.op == "call_module" and op_of(node, modules).name in _NORMS:
+        if _norm_path(node, modules):
             return node
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
@@ -53,23 +62,37 @@ def _last_norm(node: fx.Node, modules, limit: int = 32) -> fx.Node | None:
     return None
 
 
-def _point(node: fx.Node, layouts) -> InsertionPoint | None:
-    shape, lay = node_shape(node), layouts.get(node)
-    if shape is None or not isinstance(lay, tuple) or len(shape) < 2:
+def _point(node: fx.Node, layouts, modules) -> InsertionPoint | None:
+    shape, lay, path = node_shape(node), layouts.get(node), _called_path(node, modules)
+    if shape is None or not isinstance(lay, tuple) or len(shape) < 2 or not path:
         return None
     if len(shape) == 3 and is_channel(lay[2]) and "S" in lay[1]:
-        return InsertionPoint(node, str(node.target), shape[2], True, 0)
+        return InsertionPoint(node, path, shape[2], True, 0)
     if is_channel(lay[1]):
-        return InsertionPoint(node, str(node.target), shape[1], False, len(shape) - 2)
+        return InsertionPoint(node, path, shape[1], False, len(shape) - 2)
     return None
 
 
-def insertion_points(gm: fx.GraphModule, layouts, where: Callable[[str, nn.Module], bool] | None):
-    """The outputs to gate, in graph order."""
+def _called_path(node: fx.Node, modules) -> str | None:
+    """The module a node calls: a call_module's target, or the module whose forward made a functional
+    layer call (export-route graphs call ``aten.batch_norm`` inside ``layer1.0.bn3``)."""
+    if node.op == "call_module":
+        return str(node.target)
+    return _norm_path(node, modules) if node.op == "call_function" else None
+
+
+def insertion_points(gm: fx.GraphModule, layouts, where: Callable[[str, nn.Module], bool] | None,
+                     model: nn.Module | None = None):
+    """The outputs to gate, in graph order. ``model``: the captured model, whose modules ``where``
+    is given when the graph calls them as functions (export route)."""
     modules = dict(gm.named_modules())
     chosen: list[fx.Node] = []
     if where is not None:
-        chosen = [n for n in gm.graph.nodes if n.op == "call_module" and where(str(n.target), modules[str(n.target)])]
+        for n in gm.graph.nodes:
+            path = _called_path(n, modules)
+            module = modules.get(path) if n.op == "call_module" else _submodule(model, path)
+            if path and module is not None and where(path, module):
+                chosen.append(n)
     else:
         depth = _depths(gm)
         for n in gm.graph.nodes:
@@ -84,12 +107,21 @@ def insertion_points(gm: fx.GraphModule, layouts, where: Callable[[str, nn.Modul
             if norm is not None and norm not in chosen:
                 chosen.append(norm)
         if not chosen:  # no residual blocks: after every BatchNorm
-            chosen = [n for n in gm.graph.nodes if n.op == "call_module" and op_of(n, modules).name == "batch_norm"]
-    points = [p for n in chosen if (p := _point(n, layouts)) is not None]
+            chosen = [n for n in gm.graph.nodes if op_of(n, modules).name == "batch_norm" and _norm_path(n, modules)]
+    points = [p for n in chosen if (p := _point(n, layouts, modules)) is not None]
     if not points:
         raise AsrfxError("asrfx.insert found no place to insert attention: no residual block ends in a "
                          "normalization layer and no BatchNorm was found; pass where=lambda path, module: ...")
     return points
+
+
+def _submodule(model: nn.Module | None, path: str | None) -> nn.Module | None:
+    if model is None or not path:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def insert_modules(gm: fx.GraphModule, points: list[InsertionPoint], factory, repeats: int) -> list[str]:

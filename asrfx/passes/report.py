@@ -7,9 +7,42 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .site import AttentionSite, LeafRecord, Rejection
+from ..graph.capture import CaptureRoute
+from .site import AttentionSite, LayoutLoss, LeafRecord, Rejection, Verdict
 
-__all__ = ["SiteTable"]
+__all__ = ["SiteTable", "detection_notes"]
+
+
+def _where(path: str, node: fx.Node) -> str:
+    return f"'{path or '(top level)'}' [{node.name}]"
+
+
+def detection_notes(sites: int, rejections: Sequence[Rejection], losses: Sequence[LayoutLoss]) -> list[str]:
+    """What a user must hear about a detection beyond its sites (warned by find_attention and
+    convert, and written into convert's report): where the axis layout was lost, attention-like
+    patterns asrfx could not decide, and attention-like patterns refused when nothing was found."""
+    notes = []
+    if losses:
+        first, more = losses[0], len(losses) - 1
+        tensors = sum(loss.tensors for loss in losses)
+        notes.append(
+            f"the axis layout is unknown from {_where(first.module_path, first.node)} ({first.op}) on"
+            + (f" and from {more} more place(s)" if more else "")
+            + f" ({tensors} tensor(s)): asrfx cannot tell channels from positions there, so channel "
+            "attention computed from those tensors may be missed (it is listed in rejections as undecided)")
+    undecided = [r for r in rejections if r.verdict is Verdict.UNDECIDED]
+    refused = [r for r in rejections if r.verdict is Verdict.NOT_CHANNEL]
+    if undecided:
+        first = undecided[0]
+        notes.append(
+            ("no channel-attention site found, but " if not sites else "")
+            + f"{len(undecided)} pattern(s) look like channel attention but could not be read as sites, "
+            f"so they may be missed (first at {_where(first.module_path, first.combine)}: {first.reason})")
+    elif refused and not sites:
+        first = refused[0]
+        notes.append(f"no channel-attention site found; {len(refused)} attention-like pattern(s) are not channel "
+                     f"attention (first at {_where(first.module_path, first.combine)}: {first.reason})")
+    return notes
 
 
 @dataclass(frozen=True)
@@ -25,6 +58,8 @@ class SiteTable(Sequence[AttentionSite]):
     leaves: tuple[LeafRecord, ...]  # submodules traced as single calls
     graph_module: fx.GraphModule  # the traced graph the nodes belong to
     model_name: str  # class name of the model, for the header
+    layout_losses: tuple[LayoutLoss, ...] = ()  # where the axis layout became unknown (detection is blind there)
+    capture: CaptureRoute = CaptureRoute("fx")  # how the model became graph_module, and why
 
     def __getitem__(self, index):
         return self.sites[index]
@@ -38,11 +73,18 @@ class SiteTable(Sequence[AttentionSite]):
     def __repr__(self) -> str:
         return f"SiteTable({self.model_name}: {len(self.sites)} sites)"
 
+    @property
+    def notes(self) -> list[str]:
+        """The warnings find_attention gave: lost layout, undecided or refused attention-like patterns."""
+        return detection_notes(len(self.sites), self.rejections, self.layout_losses)
+
     def format(self, *, rejections: bool = True) -> str:
         """The table as text."""
         n_nodes = len(self.graph_module.graph.nodes)
         lines = [f"{self.model_name}: {len(self.sites)} channel-attention site(s) "
                  f"in a graph of {n_nodes} nodes"]
+        if self.capture.name == "export":
+            lines.append(str(self.capture))
         if self.sites:
             rows = [("#", "module", "kind", "channels", "gate shape", "fold target")]
             for i, site in enumerate(self.sites, 1):
@@ -53,11 +95,15 @@ class SiteTable(Sequence[AttentionSite]):
             for r in rows:
                 lines.append("  " + "  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
         if rejections and self.rejections:
-            lines.append(f"not attention ({len(self.rejections)}):")
+            lines.append(f"not reported as sites ({len(self.rejections)}):")
             for rej in self.rejections:
-                lines.append(f"  {rej.module_path or '(top level)'} [{rej.combine.name}]: {rej.reason}")
+                lines.append(f"  {rej.module_path or '(top level)'} [{rej.combine.name}] {rej.verdict}: {rej.reason}")
+        for loss in self.layout_losses:
+            lines.append(f"layout unknown from {_where(loss.module_path, loss.node)} ({loss.op}) on: "
+                         f"{loss.tensors} tensor(s) whose channels and positions asrfx cannot tell apart")
         if self.leaves:
             lines.append(f"traced as single calls ({len(self.leaves)}), checked for hidden attention:")
             for leaf in self.leaves:
-                lines.append(f"  {leaf.path} ({leaf.module_type}): {leaf.reason}")
+                lines.append(f"  {leaf.path} ({leaf.module_type}): {leaf.reason}"
+                             + (f"; NOT searched: {leaf.unsearched}" if leaf.unsearched else ""))
         return "\n".join(lines)

@@ -7,7 +7,8 @@ from enum import StrEnum
 
 from torch import fx
 
-__all__ = ["SiteKind", "Combine", "GateUse", "Absorption", "AttentionSite", "Rejection", "LeafRecord"]
+__all__ = ["SiteKind", "Combine", "GateUse", "Absorption", "AttentionSite", "Verdict", "Rejection", "LayoutLoss",
+           "LeafRecord"]
 
 
 class SiteKind(StrEnum):
@@ -99,13 +100,32 @@ class AttentionSite:
         return self.absorption.side != "kept"
 
 
+class Verdict(StrEnum):
+    """How sure a refusal is (see docs/architecture.md, "Never a silent miss")."""
+
+    NOT_ATTENTION = "not attention"  # a pooled gate without the attention pattern: a normalization (FRN, GRN)
+    NOT_CHANNEL = "not channel attention"  # attention-like, but its gate is not per sample and per channel
+    UNDECIDED = "undecided"  # attention-like, and asrfx could not tell (layout lost, an op it does not read)
+
+
 @dataclass(frozen=True)
 class Rejection:
-    """A combine that looked like attention but is not, and why (for users' questions)."""
+    """A combine that looked like attention but is not reported as a site, and why."""
 
-    combine: fx.Node  # the mul/add node examined
+    combine: fx.Node  # the node examined (x * g, x + g, or another op joining x and a gate)
     module_path: str  # where it lives in the original model
     reason: str  # why it is not a channel-attention site
+    verdict: Verdict = Verdict.NOT_ATTENTION  # UNDECIDED ones are possible misses: find_attention warns
+
+
+@dataclass(frozen=True)
+class LayoutLoss:
+    """Where the axis layout became unknown: detection cannot read pooling downstream of it."""
+
+    node: fx.Node  # the first node whose value has an axis of unknown meaning
+    module_path: str  # where it lives in the original model
+    op: str  # what it computes: the canonical op name, or the module's class
+    tensors: int  # how many values, from this node on, have an axis of unknown meaning
 
 
 @dataclass(frozen=True)
@@ -115,3 +135,4 @@ class LeafRecord:
     path: str  # module path in the original model
     module_type: str  # its class name
     reason: str  # first line of the tracing error
+    unsearched: str = ""  # why it could not be searched for attention ("" when it was)
