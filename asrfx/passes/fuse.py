@@ -258,10 +258,10 @@ def _fold_gated_layers(gm: fx.GraphModule, evaluator: ConstantEvaluator, report:
         for vector in vectors:  # a layer that applied two gates (repeats) took a share of each
             entry = gates.setdefault((vector, side), (site_of(vector) or path, [], set()))
             entry[1].append(path)
-            entry[2].add(type(module).__name__)
+            entry[2].add("norm" if isinstance(module, GatedBatchNorm) else "weight")
         node.args = (node.args[0],)
     for (_, side), (site, paths, kinds) in gates.items():
-        if kinds == {"GatedBatchNorm"}:
+        if kinds == {"norm"}:  # GatedBatchNorm and its synchronized twin
             report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
         else:
             what = "input-channel weights" if side == "consumers" else "affine parameters (output channels)"
