@@ -14,8 +14,8 @@ from torch import fx, nn
 import warnings
 
 from .passes.convert import ConvertReport, PsiInit, convert_sites
-from .passes.gate_in_layers import move_gates_into_batchnorm
-from .passes.fuse import fuse_graph
+from .passes.gate_in_layers import move_gates_into_layers
+from .passes.fuse import PLACEMENTS, fuse_graph
 from .passes.contract import attach_report, check_fused, report_of
 from .passes.detect import detect
 from .errors import AsrfxError, AsrfxWarning, TracingError
@@ -85,6 +85,7 @@ def convert(
     calibrate_batches: int | None = None,
     inplace: bool = False,
     gate_in_norm: bool = True,
+    gate_in_consumers: bool = True,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
@@ -110,6 +111,9 @@ def convert(
             (training the result then trains the model's own parameters).
         gate_in_norm: apply a gate inside the BatchNorm that produced x when nothing else
             reads it (same math, no extra pass over the feature map).
+        gate_in_consumers: otherwise, apply it to the input-channel weights of the convs and
+            linear layers that read the gated tensor (``W * v`` instead of ``x * v``: same math,
+            a weight-sized multiply instead of a feature-map-sized one).
         leaf_modules, concrete_args: as for :func:`find_attention`.
 
     Returns a GraphModule; :func:`report_of` tells what was converted and why not.
@@ -150,7 +154,8 @@ def convert(
         ("rewrite", lambda g, st: st.update(report=convert_sites(
             g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=st["psi"])[1])),
         ("shapes", lambda g, st: propagate_shapes(g, inputs, kwargs)),
-        ("gate_in_norm", lambda g, st: gate_in_norm and move_gates_into_batchnorm(g, st["report"])),
+        ("gate_in_layers", lambda g, st: (gate_in_norm or gate_in_consumers) and move_gates_into_layers(
+            g, st["report"], producers=gate_in_norm, consumers=gate_in_consumers)),
     ]
     state: dict[str, Any] = {}
     for _name, step in steps:
@@ -237,6 +242,7 @@ def fuse(
     example_kwargs: dict[str, Any] | None = None,
     inplace: bool = False,
     dynamic_shapes: Any = None,
+    placement: str = "producer",
 ) -> fx.GraphModule | torch.export.ExportedProgram:
     """Fold every constant (ASR) gate into the backbone, for deployment.
 
@@ -251,8 +257,18 @@ def fuse(
     result is then the exported program of the fused backbone, exported again from the
     program's example inputs (pass ``dynamic_shapes`` as for ``torch.export.export`` to
     keep dimensions dynamic). The recommended route is ``torch.export.export(fuse(gm), ...)``.
+
+    ``placement``: "producer" (default) folds each gate where the report says; "balanced" then
+    shares each gate folded into one producer layer with the convs and linear layers that read
+    it, so that both have equal per-channel weight ranges (cross-layer equalization: exact, the
+    same ops and parameter shapes), for INT8 quantization with per-tensor weight scales
+    (docs/performance.md, INT8).
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"fuse(placement=...) takes one of {PLACEMENTS}, got {placement!r}")
     if isinstance(gm, torch.export.ExportedProgram):
+        if placement != "producer":
+            raise TypeError("fuse(placement=...) applies to a GraphModule; fuse it, then export it")
         return _fuse_exported(gm, dynamic_shapes)
     if dynamic_shapes is not None:
         raise TypeError("fuse(dynamic_shapes=...) applies to an ExportedProgram only; "
@@ -272,7 +288,7 @@ def fuse(
     elif not _has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
     state = ModuleState.of(work)
-    work, report = fuse_graph(work)
+    work, report = fuse_graph(work, placement)
     state.apply(work)  # requires_grad=False stays off on the folded parameters
     check_fused(work)
     attach_report(work, report)

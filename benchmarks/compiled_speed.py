@@ -1,7 +1,8 @@
 """Compiled speed: backbone vs original attention vs fused ASR, eager, inductor and onnxruntime.
 
     python benchmarks/compiled_speed.py inference [--models seresnet50 ...] [--rounds 30]
-    python benchmarks/compiled_speed.py training  [--models seresnet50 ...] [--rounds 15]
+
+(The compiled training step moved to benchmarks/train_cost.py, with the eager one and memory.)
 
 Inference (eval, batch 1, 224x224, no grad). For each model three variants: *backbone*
 (attention modules replaced by identity; also traced by torch.fx, *backbone (fx)*, a GraphModule
@@ -21,9 +22,6 @@ of a model runs once per round, in alternating order (interleaved: machine noise
 alike); the table prints median latencies and the ratios to the backbone in the same
 column. Goal (issue #6): fused / backbone = 1.00 +- 0.03 in every column.
 
-Training (train mode, batch 16, 128x128): one SGD step (forward and backward compiled by
-inductor, optimizer eager) of the backbone, the attention model and the ASR form
-(``convert(model)``), interleaved; medians and ratios to the backbone.
 """
 
 from __future__ import annotations
@@ -136,59 +134,19 @@ def inference(names, warmup: int, rounds: int) -> None:
         print(f"  first call (compile) up to {slowest[1]:.0f} s ({slowest[0][0]}, {slowest[0][1]})")
 
 
-def training(names, warmup: int, rounds: int, batch: int, resolution: int) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, train, batch {batch}, "
-          f"{resolution}x{resolution}, {rounds} interleaved rounds, median SGD step in s (forward and backward "
-          "compiled by inductor); ratios to the backbone")
-    for name in names:
-        model = build(name)
-        x = torch.randn(batch, 3, resolution, resolution)
-        y = torch.randint(0, 1000, (batch,))
-        example = x[:2]
-        variants = {
-            "backbone": asrfx.backbone(model, example).train(),
-            "attention": copy.deepcopy(model).train(),
-            "asr": asrfx.convert(model, example).train(),
-        }
-        steps = {}
-        for label, module in variants.items():
-            compiled = torch.compile(module)
-            opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-
-            def step(inputs, compiled=compiled, opt=opt):
-                loss = nn.functional.cross_entropy(compiled(inputs), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            start = time.perf_counter()
-            step(x)
-            steps[label] = step
-            print(f"  {name} {label}: first step (compile) {time.perf_counter() - start:.0f} s", flush=True)
-        med = interleaved(steps, x, warmup, rounds)
-        print(f"{name:<22} backbone {med['backbone']:.3f} s | attention {med['attention']:.3f} s "
-              f"({med['attention'] / med['backbone']:.3f}) | ASR form {med['asr']:.3f} s "
-              f"({med['asr'] / med['backbone']:.3f})", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("inference", "training"))
+    parser.add_argument("part", choices=("inference",))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--resolution", type=int, default=128)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     for key in ("recompile_limit", "cache_size_limit"):  # many compiled variants of one model class
         if hasattr(torch._dynamo.config, key):
             setattr(torch._dynamo.config, key, 64)
-    if args.part == "inference":
-        inference(args.models, args.warmup, args.rounds or 30)
-    else:
-        training(args.models, args.warmup, args.rounds or 15, args.batch, args.resolution)
+    inference(args.models, args.warmup, args.rounds or 30)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Detection speed on a 50-block SE-ResNet (timm seresnet152: 3 + 8 + 36 + 3 blocks).
+"""Pass speed on a 50-block SE-ResNet (timm seresnet152: 3 + 8 + 36 + 3 blocks).
 
     python benchmarks/detect_speed.py [--repeats 15] [--model seresnet152]
 
 Times each phase of find_attention, interleaved and repeated, and prints medians
 plus the ratio to one eager forward pass of the same model at batch 1, 224x224
-(a yardstick that moves with the machine). Goal (issue #2): the detection pass
-well under a second.
+(a yardstick that moves with the machine). Goals: the detection pass well under a second
+(issue #2); find_attention within 2x and convert within 3x one forward (issue #13).
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def main() -> None:
     import timm
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved rounds")
     model = timm.create_model(args.model, pretrained=False).eval()
     x = torch.randn(1, 3, 224, 224)
     blocks = sum(1 for name, _ in model.named_modules() if name.count(".") == 1 and name.startswith("layer"))
     asrfx.find_attention(model, x)  # warm up imports and caches
 
-    phases = {"trace": [], "shapes": [], "detect": [], "find_attention": [], "forward": []}
+    phases = {"trace": [], "shapes": [], "detect": [], "find_attention": [], "convert": [], "forward": []}
     n_sites = n_nodes = 0
     for _ in range(args.repeats):  # interleaved: each round measures every phase once
         t, traced = _timed(lambda: trace(model))
@@ -53,6 +54,8 @@ def main() -> None:
         phases["detect"].append(t)
         t, table = _timed(lambda: asrfx.find_attention(model, x))
         phases["find_attention"].append(t)
+        t, _ = _timed(lambda: asrfx.convert(model, x))
+        phases["convert"].append(t)
         with torch.no_grad():
             t, _ = _timed(lambda: model(x))
         phases["forward"].append(t)

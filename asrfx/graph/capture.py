@@ -40,6 +40,7 @@ from torch.fx.node import map_aggregate
 
 from ..errors import TracingError
 from .edit import rewire_inplace
+from .shapes import meta_run
 from ..passes.site import LeafRecord
 from .modes import training_graph, uniform_mode
 
@@ -361,11 +362,22 @@ class _MetaRecorder(GraphRunner):
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None) -> None:
     """Write ``tensor_meta`` onto every node of ``gm`` from the call ``gm(*example_inputs, **example_kwargs)``.
 
-    Runs a copy in eval mode (train-mode BatchNorm rejects a batch of one 1x1
-    map and would update running statistics): first with fake tensors (no
-    compute), then for real if some op has no fake implementation.
+    Runs the graph in eval mode (train-mode BatchNorm rejects a batch of one 1x1
+    map and would update running statistics): on meta tensors (:mod:`asrfx.graph.shapes`:
+    no copy of the model, no compute), else on a fake-tensor copy, else for real on a copy.
     """
     values = placeholder_values(gm, as_input_tuple(example_inputs), as_kwargs(example_kwargs))
+    found = meta_run(gm, values)
+    metas, devices = found if found is not None else _fake_or_real_run(gm, values)
+    for node, meta, device in zip(gm.graph.nodes, metas, devices):
+        if meta is not None:
+            node.meta["tensor_meta"] = meta
+        if device is not None:
+            node.meta["device"] = device
+
+
+def _fake_or_real_run(gm: fx.GraphModule, values: list) -> tuple[list[Any], list[Any]]:
+    """Tensor metadata and devices per node: a fake-tensor copy in eval mode, else a real copy."""
     try:
         from torch._dynamo.utils import deepcopy_to_fake_tensor
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -387,8 +399,4 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, example_kwargs: Ma
                 "  What to do: check that example_inputs (and example_kwargs) match the model's forward, "
                 "as you would call the model: model(*example_inputs, **example_kwargs)."
             ) from exc
-    for node, meta, device in zip(gm.graph.nodes, recorder.metas, recorder.devices):
-        if meta is not None:
-            node.meta["tensor_meta"] = meta
-        if device is not None:
-            node.meta["device"] = device
+    return recorder.metas, recorder.devices

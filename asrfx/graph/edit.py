@@ -14,6 +14,7 @@ from .ops import op_of
 __all__ = [
     "rewire_inplace",
     "is_inplace",
+    "is_assertion",
     "substitute",
     "finish",
     "eliminate_dead_code",
@@ -71,6 +72,12 @@ def rewire_inplace(gm: fx.GraphModule) -> None:
                 user.replace_input_with(target, node)
 
 
+def is_assertion(node: fx.Node) -> bool:
+    """torch._assert, and the export route's aten._assert_scalar / _assert_tensor_metadata: kept by
+    dead-code elimination although nothing reads them."""
+    return node.op == "call_function" and _function_name(node.target).startswith("_assert")
+
+
 def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """What must stay even when unused: writes into inputs, parameters or views, user leaf modules,
     side effects. A write into a temporary nothing reads afterwards (after :func:`rewire_inplace`)
@@ -82,9 +89,12 @@ def _is_impure(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if getattr(module, "inplace", False) is True:
             return _writes_observably(node, modules)
         return not type(module).__module__.startswith("torch.nn")
-    if node.op == "call_function" and (_function_name(node.target).startswith("_assert")
-                                       or _function_name(node.target) == "print"):
-        return True  # torch._assert, and the export route's aten._assert_scalar / _assert_tensor_metadata
+    if is_assertion(node) and _function_name(node.target) == "_assert_tensor_metadata":
+        # export's check of a tensor's dtype before a .to(): it goes when nothing else reads the tensor
+        checked = node.args[0] if node.args else None
+        return not isinstance(checked, fx.Node) or any(u is not node and not is_assertion(u) for u in checked.users)
+    if is_assertion(node) or (node.op == "call_function" and _function_name(node.target) == "print"):
+        return True
     if node.op in ("call_method", "call_function") and is_inplace(node, modules):
         return _writes_observably(node, modules)
     return False

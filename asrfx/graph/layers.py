@@ -141,6 +141,16 @@ class Layer:
         set_call_argument(self.node, which, getter)
 
 
+    def argument(self, which: str) -> Any:
+        """What a functional call passes for ``which`` ("weight", "bias" ...): a node, a constant, None."""
+        return call_argument(self.node, which)
+
+    def pass_argument(self, which: str, value: fx.Node) -> None:
+        """Make a functional call read ``which`` from ``value``, a node computing it in the graph
+        (convert's training fast path: ``weight * gate``)."""
+        set_call_argument(self.node, which, value)
+
+
 def layer_of(node: fx.Node, index: LayerIndex) -> Layer | str:
     """The layer ``node`` calls, or the reason fuse cannot change its parameters."""
     op = op_of(node, index)

@@ -72,6 +72,8 @@ class ConvertedSite:
     psi: tuple[str, ...]  # qualified names of the psi parameters created
     frozen_norms: tuple[str, ...]  # excitation BatchNorms now using running statistics
     gated_norm: str | None  # the BatchNorm that applies the gate inside its affine, if any
+    gated_consumers: str | None = None  # convs / linear layers after it applying it to their input weights, if any
+    gated_producers: str | None = None  # convs / linear layers before it applying it to their output weights, if any
 
 
 @dataclass
@@ -93,6 +95,10 @@ class ConvertReport:
                 extra.append("running-stats BN: " + ", ".join(s.frozen_norms))
             if s.gated_norm:
                 extra.append(f"gate applied inside {s.gated_norm}")
+            if s.gated_producers:
+                extra.append(f"gate applied to the output weights of {s.gated_producers}")
+            if s.gated_consumers:
+                extra.append(f"gate applied to the input weights of {s.gated_consumers}")
             lines.append(f"  {s.module_path or '(top level)'} [{s.kind}, {s.mode}]: psi "
                          + ", ".join(s.psi) + ("; " + "; ".join(extra) if extra else ""))
         for path, reason in self.skipped:

@@ -38,15 +38,16 @@ from ..algebra.fold import (
     scale_along,
     shift_along,
 )
-from ..graph.dataflow import ancestors
-from ..graph.edit import finish, rewire_inplace
+from ..graph.dataflow import ancestors, input_dependence
+from ..graph.edit import copy_meta, finish, rewire_inplace, unique_attr_name
 from ..graph.layers import LayerIndex, layer_of, set_parameter
-from .absorb import Plan, plan_consumers, plan_producer, residual_add, value_sign
+from .absorb import Plan, label_of, plan_consumers, plan_producer, residual_add, value_sign
+from ..nn.gated_layers import WeightGated
 from ..nn.gated_norm import GatedBatchNorm
-from ..graph.ops import is_shape_query, module_path_of, node_shape, op_of
-from .contract import ASR_META, ConstantGate, Role, constant_gates, mark, role_of, site_of
+from ..graph.ops import argument, is_shape_query, module_path_of, node_shape, op_of
+from .contract import ASR_META, ConstantGate, Role, constant_gates, mark, psi_dependent, role_of, site_of
 
-__all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes"]
+__all__ = ["Fold", "FuseReport", "fuse_graph", "ConstantEvaluator", "drop_unused_attributes", "fold_psi_remainders"]
 
 
 @dataclass(frozen=True)
@@ -232,36 +233,154 @@ def _site_of(g: ConstantGate) -> str:
     return site_of(g.gate) or module_path_of(g.combine) or ""
 
 
-def _fold_gated_batchnorms(gm: fx.GraphModule, evaluator: ConstantEvaluator, report: FuseReport) -> None:
-    """GatedBatchNorm(y, v) with a constant v becomes a plain BatchNorm with gamma*v, beta*v; one
-    Fold per gate, naming every BatchNorm that took a share of it (branches of a sum, parts of a cat)."""
+def _fold_gated_layers(gm: fx.GraphModule, evaluator: ConstantEvaluator, report: FuseReport) -> None:
+    """Layers convert made apply a constant gate while training become plain layers with the gate in
+    their parameters: GatedBatchNorm(y, v) a BatchNorm with gamma*v, beta*v (producer side); a gated
+    conv or linear layer (:mod:`asrfx.nn.gated_layers`) the plain layer with its input-channel
+    weights scaled (consumer side). One Fold per gate, naming every layer that took a share of it
+    (branches of a sum, parts of a cat, the readers of the gated tensor)."""
     modules = dict(gm.named_modules())
-    gates: dict[fx.Node, tuple[str, list[str]]] = {}  # the gate's vector -> (site, BatchNorms)
+    gates: dict[tuple[fx.Node, str], tuple[str, list[str], set[str]]] = {}  # (vector, side) -> (site, layers, kinds)
     for node in list(gm.graph.nodes):
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(module, GatedBatchNorm) or len(node.args) < 2:
+        if not isinstance(module, (GatedBatchNorm, WeightGated)) or len(node.args) < 2:
             continue
         path = str(node.target)
-        vector = next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")
-        site = site_of(vector) or path
-        v = _finite(evaluator.value(node.args[1]), site).reshape(-1)
-        bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
-            len(node_shape(node) or (0, 0, 0, 0))]
-        like = next(iter(module.state_dict().values()), v)
-        bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                    device=v.device, dtype=v.dtype if v.is_floating_point() else like.dtype)
-        bn.load_state_dict(module.state_dict())
-        w, b = fold_output_affine(module.weight, module.bias, v)
-        if module.weight is not None:
-            set_parameter(bn, "weight", w)
-        set_parameter(bn, "bias", b)
-        bn.train(module.training)
+        vectors = [n for n in ancestors(node.args[1]) if role_of(n) == Role.GATE_VECTOR] or \
+            [next(n for n in ancestors(node.args[1]) if role_of(n) or n.op != "call_function")]
+        v = _finite(evaluator.value(node.args[1]), site_of(vectors[0]) or path).reshape(-1)
+        if isinstance(module, WeightGated):
+            plain, side = module.folded(v), "consumers" if module.gate_side == "input" else "producer"
+        else:
+            plain, side = _plain_batchnorm(module, v, len(node_shape(node) or (0, 0, 0, 0))), "producer"
         parent, _, attr = path.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, bn)
-        gates.setdefault(vector, (site, []))[1].append(path)
+        setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
+        for vector in vectors:  # a layer that applied two gates (repeats) took a share of each
+            entry = gates.setdefault((vector, side), (site_of(vector) or path, [], set()))
+            entry[1].append(path)
+            entry[2].add("norm" if isinstance(module, GatedBatchNorm) else "weight")
         node.args = (node.args[0],)
-    for site, paths in gates.values():
-        report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
+    for (_, side), (site, paths, kinds) in gates.items():
+        if kinds == {"norm"}:  # GatedBatchNorm and its synchronized twin
+            report.folds.append(Fold(site, "gated_bn", tuple(paths), "producer", "folded into the BatchNorm affine"))
+        else:
+            what = "input-channel weights" if side == "consumers" else "affine parameters (output channels)"
+            report.folds.append(Fold(site, "mul", tuple(paths), side,
+                                     f"folded into the {what} of the layers that applied it while training"))
+
+
+def _plain_batchnorm(module: GatedBatchNorm, v: torch.Tensor, rank: int) -> nn.Module:
+    """The BatchNorm computing ``GatedBatchNorm(y, v)`` for a constant v (paper eq. 7)."""
+    bn_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    like = next(iter(module.state_dict().values()), v)
+    bn = bn_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                device=v.device, dtype=v.dtype if v.is_floating_point() else like.dtype)
+    bn.load_state_dict(module.state_dict())
+    w, b = fold_output_affine(module.weight, module.bias, v)
+    if module.weight is not None:
+        set_parameter(bn, "weight", w)
+    set_parameter(bn, "bias", b)
+    bn.train(module.training)
+    return bn
+
+
+def fold_psi_remainders(gm: fx.GraphModule, report: FuseReport) -> None:
+    """What is left of a psi branch after the gates folded: each psi-derived value that a
+    data-reading call consumes (a gate convert applied inside a layer reaches the call as
+    ``weight * gate``: inlined by Dynamo or torch.export, or a functional call's weight) is
+    evaluated once. It goes into the parameter it was computed from when there is one such
+    parameter of its shape that nothing else reads (the parameter keeps its name: the graph
+    reads ``conv.weight`` again, as the backbone does); otherwise it becomes one stored constant."""
+    dependent = psi_dependent(gm)
+    if not dependent:
+        return
+    # shape reads count as data here: a psi value shaped by the batch (view(g, x.size(0), ...))
+    # must not be frozen at the example's batch size
+    reads_data = input_dependence(gm, shape_reads=True)
+    evaluator = ConstantEvaluator(gm)
+    modules = dict(gm.named_modules())
+    absorbed: dict[tuple[str, str, str], None] = {}  # (site, call, kind) in order, each reported once
+    bias_too: set[tuple[str, str, str]] = set()  # calls whose bias took the gate as well (output side)
+    for node in list(gm.graph.nodes):
+        if node not in dependent or reads_data[node] or node.op == "get_attr":
+            continue
+        users = [u for u in node.users if u not in dependent or reads_data[u]]
+        if not users:
+            continue
+        value = evaluator.value(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        const = _into_source_parameter(gm, node, value, dependent) or _stored_constant(gm, node, value)
+        site = _psi_site(node)
+        for user in users:
+            if argument(user, 2, "bias") is node:  # the gate reached the call's bias: its output side
+                bias_too.add((site, user.name, "bias"))
+            user.replace_input_with(node, const)
+            absorbed[(site, user.name, op_of(user, modules).name)] = None
+    for site, call, kind in absorbed:
+        if kind in ("conv", "linear", "conv_transpose") and (site, call, "bias") not in bias_too:
+            report.folds.append(Fold(site, "mul", (call,), "consumers",
+                                     "folded into the weight of the call that applied the gate"))
+        else:
+            report.folds.append(Fold(site, "gated_bn" if kind == "batch_norm" else "mul", (call,), "producer",
+                                     "folded into the affine parameters of the call that applied the gate"))
+    finish(gm)
+    drop_unused_attributes(gm)
+
+
+# Ops on the way from a layer's parameter to ``parameter * gate`` (a GatedBatchNorm or a gated conv
+# inlined by Dynamo or torch.export, convert's functional-call weights): the walk looks for the
+# parameter through these only, so the excitation's own parameters behind the gate are not taken.
+_ON_WEIGHT_PATH = frozenset({"mul", "reshape", "view", "flatten", "unsqueeze", "squeeze", "expand", "contiguous",
+                             "getitem", "pad", "clone", "to"})
+
+
+def _into_source_parameter(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor,
+                           dependent: set[fx.Node]) -> fx.Node | None:
+    """``node`` (``weight * gate``) computed from exactly one stored tensor of its shape, read nowhere
+    else: that tensor takes the value, and its get_attr stands for ``node``."""
+    sources, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n not in dependent:  # the parameter side: a stored tensor of the value's shape in there
+            sources.extend(a for a in ancestors(n) if a.op == "get_attr" and a not in sources
+                           and tuple(getattr(_attribute(gm, str(a.target)), "shape", ())) == tuple(value.shape))
+        elif n is node or op_of(n, {}).name in _ON_WEIGHT_PATH:
+            stack.extend(n.all_input_nodes)
+    if len(sources) != 1:
+        return None
+    source = sources[0]
+    inside = set(ancestors(node))
+    if len(gm.graph.find_nodes(op="get_attr", target=source.target)) != 1 or \
+            any(u not in inside for u in source.users):
+        return None
+    owner, _, attr = str(source.target).rpartition(".")
+    set_parameter(gm.get_submodule(owner) if owner else gm, attr, value)
+    return source
+
+
+def _stored_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> fx.Node:
+    attr = unique_attr_name(gm, "asr_constant")
+    # it stands for parameters (a BatchNorm's weight times the gate): it stays one
+    gm.register_parameter(attr, nn.Parameter(value.detach().clone(), requires_grad=False))
+    with gm.graph.inserting_before(node):
+        const = gm.graph.get_attr(attr)
+    copy_meta(node, const)
+    const.meta.pop(ASR_META, None)  # a constant now, not a psi
+    return const
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr, None)
+
+
+def _psi_site(node: fx.Node) -> str:
+    """The attention block of the psi a node is computed from."""
+    return next((site_of(n) for n in ancestors(node) if role_of(n) == Role.PSI), "") or ""
 
 
 def _finite(value: Any, site: str) -> Any:
@@ -303,13 +422,21 @@ def _residual_gates_to_scales(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(g.combine)
 
 
-def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
-    """Fold every constant gate of ``gm`` (eval mode, nodes with shapes) in place."""
+PLACEMENTS = ("producer", "balanced")
+
+
+def fuse_graph(gm: fx.GraphModule, placement: str = "producer") -> tuple[fx.GraphModule, FuseReport]:
+    """Fold every constant gate of ``gm`` (eval mode, nodes with shapes) in place.
+
+    ``placement="balanced"``: after folding, each gate folded into one producer layer is shared
+    with the layers that read it (:func:`balance_folds`), for INT8 with per-tensor weight scales."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"fuse(placement=...) takes one of {PLACEMENTS}, got {placement!r}")
     report = FuseReport()
     rewire_inplace(gm)  # a GraphModule asrfx did not trace may read a tensor after writing into it
     _residual_gates_to_scales(gm)
     evaluator = ConstantEvaluator(gm)
-    _fold_gated_batchnorms(gm, evaluator, report)
+    _fold_gated_layers(gm, evaluator, report)
     replaced: dict[fx.Node, fx.Node] = {}  # a folded combine -> the node that now stands for it
     modules = LayerIndex(gm)  # folding changes parameters, never which modules the graph calls
     for g in constant_gates(gm):
@@ -340,7 +467,76 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, FuseReport]:
         report.folds.append(Fold(site, g.op, tuple(into), plan.side, f"folded into the {plan.side}{note}"))
     finish(gm)
     drop_unused_attributes(gm)
+    fold_psi_remainders(gm, report)
+    if placement == "balanced":
+        balance_folds(gm, report)
     return gm, report
+
+
+def balance_folds(gm: fx.GraphModule, report: FuseReport) -> None:
+    """Share each producer-side fold with the layers that read the producer (cross-layer equalization).
+
+    A gate folded into a producer scales its output channels by v, which widens the spread of
+    its per-channel weight ranges: a per-tensor INT8 weight scale then fits the largest channels
+    and rounds the small ones coarsely (what hurt re-parameterized networks such as RepVGG).
+    Here each producer channel i is divided by ``s_i = sqrt(r_p_i / r_c_i)`` and every consumer's
+    input channel i multiplied by it (``r_p``: the range of the producer's channel, including a
+    conv right before a BatchNorm; ``r_c``: the largest range of the consumers' input columns),
+    so both become ``sqrt(r_p_i r_c_i)``. Exact: s > 0 passes ReLU and max pooling. Applies
+    where the gate went into one BatchNorm, conv or linear layer on axis 1 and the consumers
+    plan reaches only convs (groups 1) and linear layers; other folds stay as they are."""
+    modules = LayerIndex(gm)
+    calls = {label_of(n): n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+    for k, fold in enumerate(report.folds):
+        node = calls.get(fold.into[0]) if fold.where == "producer" and len(fold.into) == 1 else None
+        producer = layer_of(node, modules) if node is not None else None
+        if producer is None or isinstance(producer, str) or producer.weight is None or producer.computed:
+            continue
+        r_p = _producer_ranges(node, producer, modules)
+        plan = plan_consumers(node, 1, "mul", lambda start, stop: True, modules)
+        if r_p is None or not plan.ok:
+            continue
+        r_c = torch.zeros_like(r_p)
+        layers = []
+        for t in plan.targets:
+            layer = layer_of(t.node, modules)
+            if t.side != "input" or isinstance(layer, str) or layer.name not in ("conv", "linear") \
+                    or layer.groups != 1 or layer.weight is None or layer.computed:
+                break
+            columns = layer.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+            part = columns[t.span.offset: t.span.offset + t.span.stop - t.span.start]
+            r_c[t.span.start:t.span.stop] = torch.maximum(r_c[t.span.start:t.span.stop], part.to(r_c.dtype))
+            layers.append((t, layer))
+        else:
+            ok = (r_p > 0) & (r_c > 0)
+            scale = torch.where(ok, torch.sqrt(r_p / torch.where(ok, r_c, torch.ones_like(r_c))), torch.ones_like(r_p))
+            w, b = fold_output_affine(producer.weight, producer.bias, 1 / scale)
+            producer.set("weight", w)
+            if b is not None:
+                producer.set("bias", b)
+            for t, layer in layers:
+                part = embed(scale[t.span.start:t.span.stop], t.span.offset, t.width, 1.0)
+                layer.set("weight", fold_input_scale(layer.weight, part.to(layer.weight.dtype), layer.groups))
+            report.folds[k] = dataclasses.replace(
+                fold, into=fold.into + tuple(layer.label for _, layer in layers),
+                reason=fold.reason + "; balanced with its consumers (equal per-channel weight ranges, for INT8)")
+
+
+def _producer_ranges(node: fx.Node, layer, modules: LayerIndex) -> torch.Tensor | None:
+    """Per output channel, the largest |weight| the producer applies (a BatchNorm: its scale times the
+    rows of the conv or linear layer it alone normalizes); None when it has no such channels."""
+    with torch.no_grad():
+        if layer.name in ("conv", "linear"):
+            return layer.weight.detach().abs().flatten(1).amax(1)
+        if layer.name != "batch_norm" or layer.running_var is None:
+            return None
+        scale = layer.weight.detach().abs() / torch.sqrt(layer.running_var + layer.eps)
+        src = node.args[0] if node.args else None
+        before = layer_of(src, modules) if isinstance(src, fx.Node) and src.op != "placeholder" else None
+        if before is not None and not isinstance(before, str) and before.name in ("conv", "linear") \
+                and before.weight is not None and len(src.users) == 1:
+            return scale * before.weight.detach().abs().flatten(1).amax(1)
+        return scale
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> None:

@@ -1,0 +1,97 @@
+"""What makes find_attention and convert cheap, checked for what it must not change.
+
+* Shapes come from a run on meta tensors (:mod:`asrfx.graph.shapes`): the same shapes, dtypes
+  and devices as the fake-tensor run it replaces, on every model of the zoo; models that cannot
+  run on meta fall back to fake tensors; the caller's model is not touched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import asrfx
+from asrfx.graph.capture import _fake_or_real_run, propagate_shapes, trace
+from asrfx.graph.shapes import meta_run
+
+try:
+    from tests import zoo
+except ImportError:
+    import zoo
+
+
+def _summary(meta):
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):
+        return tuple(meta.shape), meta.dtype
+    if isinstance(meta, (tuple, list)):
+        return tuple(_summary(m) for m in meta)
+    return repr(meta)
+
+
+@pytest.mark.parametrize("case", zoo.ALL_CASES, ids=lambda c: c.name)
+def test_meta_shapes_equal_fake_tensor_shapes(case):
+    """Per node: shape, dtype (and tuple structure) and device as the fake-tensor run gives them.
+    (Strides may differ: meta kernels do not pick the CPU kernels' memory formats; asrfx reads none.)"""
+    model = case.build().eval()
+    gm = trace(model).gm
+    x = torch.randn(case.input_shape)
+    found = meta_run(gm, (x,))
+    assert found is not None, "runs on meta"
+    metas, devices = _fake_or_real_run(gm, (x,))
+    assert [_summary(m) for m in found[0]] == [_summary(m) for m in metas]
+    assert found[1] == devices
+
+
+class MakesATensor(nn.Module):
+    """torch.arange without a device: a CPU tensor meeting a meta one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.arange(y.shape[-1], dtype=y.dtype)
+
+
+def scale_by_max(x):
+    return x * float(x.abs().max())  # a value read: meta tensors have none
+
+
+torch.fx.wrap("scale_by_max")
+
+
+class ReadsAValue(nn.Module):
+    def forward(self, x):
+        return scale_by_max(x)
+
+
+@pytest.mark.parametrize("model", [MakesATensor(), ReadsAValue()], ids=["device_less_tensor", "value_read"])
+def test_graphs_that_cannot_run_on_meta_fall_back(model):
+    gm = trace(model).gm
+    x = torch.randn(2, 3, 4, 5)
+    assert meta_run(gm, (x,)) is None
+    propagate_shapes(gm, (x,))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert tuple(out.meta["tensor_meta"].shape) == tuple(model(x).shape)
+
+
+def test_shape_propagation_leaves_the_model_alone():
+    """Training flags, parameters, buffers (BatchNorm statistics) untouched; nothing copied to meta."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = trace(model).gm
+    propagate_shapes(gm, (torch.randn(1, 3, 3, 3),))  # train-mode BatchNorm would refuse 1x1 at batch 1
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cpu" and torch.equal(v, state[k]), k
+    assert gm.graph.find_nodes(op="call_module", target="1")[0].meta["tensor_meta"].shape == (1, 4, 1, 1)
+
+
+def test_wrong_example_inputs_still_fail_clearly():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(asrfx.TracingError, match="example_inputs"):
+        propagate_shapes(trace(model).gm, (torch.randn(1, 5, 8, 8),))
