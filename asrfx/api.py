@@ -562,10 +562,11 @@ def _leaf_attention(model: nn.Module, gm: fx.GraphModule, leaf: LeafRecord) -> t
 
 
 def _may_hold_attention(module: nn.Module) -> bool:
-    """torch.nn's own layers cannot; containers and user modules may."""
+    """torch.nn's own layers cannot, nor can a module without parameters (every channel attention
+    learns its excitation: timm's DropPath is searched for nothing); containers and user modules may."""
     own = type(module).__module__.startswith("torch.nn") and not isinstance(
         module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-    return not own
+    return not own and next(module.parameters(), None) is not None
 
 
 def _random_like(args) -> tuple | None:

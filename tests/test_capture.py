@@ -611,3 +611,54 @@ def test_a_dict_dataclass_output_keeps_its_type_on_the_fx_route():
     fused = asrfx.fuse(gm)
     assert type(fused(x)) is _Output
     torch.testing.assert_close(fused(x).logits, out.logits, rtol=1e-5, atol=1e-6)
+
+
+class _DropPath(nn.Module):
+    """timm's DropPath: its forward branches on self.training (no ops at all in eval mode)."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class _StochasticDepthNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv, self.bn, self.se = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), zoo.SELayer(8)
+        self.drop_path = _DropPath()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.drop_path(self.se(self.bn(self.conv(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_module_that_branches_on_its_mode_is_kept_whole_and_follows_eval(training):
+    """The train and eval graphs differ in structure inside DropPath: instead of freezing the graph in
+    the mode it was captured in (a stochastic deployed model), the module is kept as a single call,
+    so the converted and fused models are deterministic in eval mode, as the model is."""
+    model, x = randomize(_StochasticDepthNet(), 4).train(training), torch.randn(4, 3, 6, 6)
+    table = asrfx.find_attention(model, x)
+    assert [leaf.path for leaf in table.leaves] == ["drop_path"] and len(table) == 1
+    gm = asrfx.convert(model, x)
+    assert not any("train and eval" in note for note in asrfx.report_of(gm).notes)
+    gm.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), gm(x))
+        fused = asrfx.fuse(gm)
+        torch.testing.assert_close(fused(x), gm(x), rtol=1e-5, atol=1e-6)
+    gm.train()
+    torch.manual_seed(0)
+    a = gm(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, gm(x))  # paths are dropped while training

@@ -18,12 +18,14 @@ from helpers import randomize
 
 
 def _fused(model, x, psi=None, seed=0):
-    """convert (psi random, or given), fuse in float64; returns (asr form, fused, report)."""
+    """convert (psi random, or given), fuse in float64; returns (asr form, fused, report). The gates
+    stay multiplies in the ASR form (no training fast path, tests/test_gate_in_layers.py): what is
+    tested here is where fuse's planner folds them."""
     model = randomize(model, seed).double().eval()
     x = x.double()
     gen = torch.Generator().manual_seed(seed)
     init = psi if psi is not None else (lambda site, shape: torch.randn(shape, generator=gen, dtype=torch.float64))
-    gm = asrfx.convert(model, x, psi_init=init).eval()
+    gm = asrfx.convert(model, x, psi_init=init, gate_in_consumers=False).eval()
     fused = asrfx.fuse(gm)
     with torch.no_grad():
         want, got = gm(x), fused(x)
@@ -301,7 +303,7 @@ def test_a_negative_gate_never_folds_through_relu(sign, where):
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     (site,) = asrfx.find_attention(SignedGate(), x.float())
     assert "if the gate is non-negative" in site.absorption.reason  # tanh: the sign is known only at fuse time
-    gm = asrfx.convert(_signed(sign), x, psi_init=1.0).eval()
+    gm = asrfx.convert(_signed(sign), x, psi_init=1.0, gate_in_consumers=False).eval()  # fuse decides
     fused = asrfx.fuse(gm)
     (fold,) = asrfx.report_of(fused).folds
     assert fold.where == where, str(asrfx.report_of(fused))

@@ -485,3 +485,36 @@ def test_placement_is_checked():
     gm = asrfx.convert(SiLUBlock(), torch.randn(2, 3, 6, 6)).eval()
     with pytest.raises(ValueError, match="placement"):
         asrfx.fuse(gm, placement="consumer")
+
+
+class TwoSEOnOneNorm(nn.Module):
+    """conv -> BN -> ReLU -> SE -> SE (an audio model's block SE followed by a stage SE): both gates
+    reach the same BatchNorm while training."""
+
+    def __init__(self, producer="bn"):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=producer != "bn")
+        self.bn = nn.BatchNorm2d(6) if producer == "bn" else nn.Identity()
+        self.se1, self.se2 = asrfx.attention.SE(6, reduction=2), asrfx.attention.SE(6, reduction=3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.se2(self.se1(F.relu(self.bn(self.conv(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("producer", ["bn", "conv"])
+@pytest.mark.parametrize("training", [True, False])
+def test_two_gates_on_one_producer_multiply_there(producer, training):
+    """The second gate finds the producer gated by the first: the gates multiply (the second used to
+    replace the first, which was then lost). Outputs, gradients and statistics as with multiplies."""
+    model = randomize(TwoSEOnOneNorm(producer), 3).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    fast, slow = _both(model, x, 3)
+    sites = asrfx.report_of(fast).sites
+    assert len(sites) == 2 and all(s.gated_norm or s.gated_producers for s in sites), sites
+    assert len(feature_map_gates(fast)) == 0
+    _assert_same_function(fast, slow, x, training)
+    fast.eval()
+    slow.eval()
+    with torch.no_grad():
+        close(asrfx.fuse(fast)(x), slow(x))

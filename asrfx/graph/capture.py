@@ -42,7 +42,7 @@ from ..errors import TracingError
 from .edit import rewire_inplace
 from .shapes import meta_run
 from ..passes.site import LeafRecord
-from .modes import training_graph, uniform_mode
+from .modes import training_graph_or_divergence, uniform_mode
 
 __all__ = ["CaptureRoute", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
            "check_call", "placeholder_values", "GraphRunner", "first_line", "user_frame"]
@@ -219,12 +219,36 @@ def trace(
     leaf_paths = {p for p in leaf_modules if isinstance(p, str)}
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
     leaves: list[LeafRecord] = []
+    while True:
+        graph, tracer = _trace_with_leaves(model, fixed, leaf_paths, leaf_types, leaves)
+        other = None
+        with uniform_mode(model, not model.training), contextlib.suppress(Exception):
+            other = _LeafTracer(set(leaf_paths), leaf_types).trace(model, concrete_args=fixed)
+        graph, mode_note, differs = training_graph_or_divergence(
+            {model.training: graph, not model.training: other}, model.training, type(model).__name__)
+        if not differs or differs in leaf_paths or len(leaves) >= _MAX_LEAVES:
+            break
+        # a submodule whose forward takes other paths in eval mode (timm's DropPath): kept whole, it
+        # runs its own forward and follows its own .train()/.eval(); then capture again
+        leaf_paths.add(differs)
+        leaves.append(LeafRecord(differs, type(model.get_submodule(differs)).__name__,
+                                 "its forward takes other paths in train and eval mode"))
+    _restore_argument_names(graph, fixed or {})
+    _restore_output_type(graph, type(tracer.top_value))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    rewire_inplace(gm)
+    return Traced(gm, tuple(leaves), mode_note)
+
+
+def _trace_with_leaves(model: nn.Module, fixed, leaf_paths: set[str], leaf_types: tuple[type, ...],
+                       leaves: list[LeafRecord]) -> tuple[fx.Graph, _LeafTracer]:
+    """Trace in the model's mode; each submodule torch.fx fails inside becomes a leaf (added to
+    ``leaf_paths`` and ``leaves``) and tracing retries."""
     with uniform_mode(model, model.training):
         while True:
             tracer = _LeafTracer(set(leaf_paths), leaf_types)
             try:
-                graph = tracer.trace(model, concrete_args=fixed)
-                break
+                return tracer.trace(model, concrete_args=fixed), tracer
             except Exception as exc:  # fx raises many types; we name the place and move on
                 # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
                 failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
@@ -238,19 +262,8 @@ def trace(
                         "pass concrete_args=... for flags, name the module in leaf_modules=..., "
                         "or pass a pre-traced torch.fx.GraphModule."
                     ) from exc
-                module_type = type(model.get_submodule(failing)).__name__
                 leaf_paths.add(failing)
-                leaves.append(LeafRecord(failing, module_type, first_line(exc)))
-    other = None
-    with uniform_mode(model, not model.training), contextlib.suppress(Exception):
-        other = _LeafTracer(set(leaf_paths), leaf_types).trace(model, concrete_args=fixed)
-    graph, mode_note = training_graph({model.training: graph, not model.training: other}, model.training,
-                                      type(model).__name__)
-    _restore_argument_names(graph, fixed or {})
-    _restore_output_type(graph, type(tracer.top_value))
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    rewire_inplace(gm)
-    return Traced(gm, tuple(leaves), mode_note)
+                leaves.append(LeafRecord(failing, type(model.get_submodule(failing)).__name__, first_line(exc)))
 
 
 def _restore_output_type(graph: fx.Graph, cls: type) -> None:

@@ -20,7 +20,7 @@ from torch.fx.node import map_aggregate
 
 from .ops import is_shape_query, module_path_of, op_of
 
-__all__ = ["uniform_mode", "training_graph", "merge_training_graphs", "is_counter"]
+__all__ = ["uniform_mode", "training_graph", "training_graph_or_divergence", "merge_training_graphs", "is_counter"]
 
 
 @contextlib.contextmanager
@@ -41,14 +41,24 @@ def training_graph(graphs: dict[bool, fx.Graph | None], training: bool, name: st
     """One graph that follows ``.train()``/``.eval()``, from the graphs captured with every module in
     train mode (``graphs[True]``) and in eval mode (``graphs[False]``); when they cannot be merged,
     the graph of the model's own mode ``training``, and a note saying so."""
+    graph, note, _ = training_graph_or_divergence(graphs, training, name)
+    return graph, note
+
+
+def training_graph_or_divergence(graphs: dict[bool, fx.Graph | None], training: bool,
+                                 name: str) -> tuple[fx.Graph, str, str]:
+    """:func:`training_graph`, and, when the graphs differ in structure, the path of the innermost
+    module where they first differ ("" if unknown or the top level): kept as a single call, that
+    module runs its own forward and so follows its own ``.train()``/``.eval()`` (timm's DropPath)."""
     mode = "train" if training else "eval"
     if graphs[True] is None or graphs[False] is None:
         return graphs[training], (f"{name} could not be captured in {'eval' if training else 'train'} mode; "
-                                  f"the graph follows the mode it was captured in ({mode})")
-    why = merge_training_graphs(graphs[True], graphs[False])
+                                  f"the graph follows the mode it was captured in ({mode})"), ""
+    why, node = _merge_graphs(graphs[True], graphs[False])
     if why:
-        return graphs[training], f"{name} {why}; the graph follows the mode it was captured in ({mode})"
-    return graphs[True], ""
+        return (graphs[training], f"{name} {why}; the graph follows the mode it was captured in ({mode})",
+                (module_path_of(node) or "") if node is not None else "")
+    return graphs[True], "", ""
 
 
 _FLAG = object()  # marks where a training flag goes
@@ -75,7 +85,13 @@ def is_counter(node: fx.Node) -> bool:
 
 
 def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
-    """Make ``train`` follow the training flags; returns why it cannot (``train`` then unchanged).
+    """Make ``train`` follow the training flags; returns why it cannot (see :func:`_merge_graphs`)."""
+    return _merge_graphs(train, eval_)[0]
+
+
+def _merge_graphs(train: fx.Graph, eval_: fx.Graph) -> tuple[str, fx.Node | None]:
+    """Make ``train`` follow the training flags; returns why it cannot (``train`` then unchanged) and
+    the node where the graphs first differ (None when they align).
 
     Both graphs come from the same model, every module in train mode for ``train`` and in
     eval mode for ``eval_``. torch.fx and torch.export read ``self.training`` once, while
@@ -104,23 +120,23 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
             extra.extend(a[i1:i2])
         else:
             node = a[i1] if i1 < i2 else b[j1]
-            return f"takes different paths in train and eval mode (at '{node.name}')"
+            return f"takes different paths in train and eval mode (at '{node.name}')", node
     computed = {_computes(n, {}): n for n in sizes_a}
     for query in sizes_b:  # graph order: the sizes it reads are matched before it
         twin = computed.get(_computes(query, index))
         if twin is None:
-            return f"takes different paths in train and eval mode ('{query.name}' is computed in eval mode only)"
+            return f"takes different paths in train and eval mode ('{query.name}' is computed in eval mode only)", query
         index[query] = twin
     counters = [n for n in extra if is_counter(n)]
     for n in extra:
         if n not in counters and not (n.op == "get_attr" and n.users and all(u in counters for u in n.users)):
-            return f"takes different paths in train and eval mode ('{n.name}' runs in train mode only)"
+            return f"takes different paths in train and eval mode ('{n.name}' runs in train mode only)", n
     edits = []
     for y, x in index.items():
         merged_args, diff_a = _merge(x.args, y.args, index)
         merged_kwargs, diff_k = _merge(x.kwargs, y.kwargs, index)
         if merged_args is None or merged_kwargs is None:
-            return f"'{x.name}' differs between train and eval mode in a way asrfx cannot express"
+            return f"'{x.name}' differs between train and eval mode in a way asrfx cannot express", x
         if diff_a or diff_k:
             edits.append((x, merged_args, merged_kwargs))
     flags: dict[str, fx.Node] = {}
@@ -143,7 +159,7 @@ def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
         with train.inserting_before(node):
             amount = flag(node) if step == 1 else train.call_function(operator.mul, (flag(node), step))
         node.update_arg(1, amount)
-    return ""
+    return "", None
 
 
 def _computes(node: fx.Node, index: dict[fx.Node, fx.Node]) -> tuple:

@@ -111,6 +111,9 @@ def _gate_into_producers(gm, targets: tuple[Target, ...], combine: fx.Node, x: f
     for t in targets:
         module = modules.get(str(t.node.target)) if t.node.op == "call_module" else None
         if t.kind == "batch_norm" and module is not None:
+            if isinstance(module, GatedBatchNorm) and t.span.axis == 1 and len(t.node.args) == 2:
+                norms[t.node] = module  # gated already (two gates on one tensor): the gates multiply
+                continue
             if type(module) not in _BATCH_NORMS or not module.affine or t.span.axis != 1:
                 return None
             if modules.calls[str(t.node.target)] > 1:
@@ -133,7 +136,15 @@ def _gate_into_producers(gm, targets: tuple[Target, ...], combine: fx.Node, x: f
             found["norm" if t.kind == "batch_norm" else "producers"].append(layers[t.node].label)
             continue
         path = str(t.node.target)
-        set_module(gm, path, GatedBatchNorm(norms[t.node]))
+        if isinstance(norms[t.node], GatedBatchNorm):
+            with gm.graph.inserting_before(t.node):
+                both = gm.graph.call_function(operator.mul, (t.node.args[1], _share(gm, vector, t, entries)))
+            t.node.args = (t.node.args[0], both)
+            found["norm"].append(path)
+            continue
+        gated = GatedBatchNorm(norms[t.node])
+        set_module(gm, path, gated)
+        modules[path] = gated  # the index stays live: a later gate on this norm sees it gated
         with gm.graph.inserting_before(t.node):
             new = gm.graph.call_module(path, (t.node.args[0], _share(gm, vector, t, entries)))
         copy_meta(t.node, new)
