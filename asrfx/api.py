@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-import warnings
-
-from .passes.convert import ConvertReport, PsiInit, convert_sites
-from .passes.gate_in_layers import move_gates_into_layers
-from .passes.fuse import PLACEMENTS, fuse_graph
-from .passes.contract import attach_report, check_fused, report_of
-from .passes.detect import detect
-from .errors import AsrfxError, AsrfxWarning, TracingError
+from .errors import AsrfxError, AsrfxWarning
+from .graph.capture import as_input_tuple, as_kwargs, propagate_shapes, trace
 from .graph.layout import infer_layouts
-from .graph.layers import call_argument
-from .graph.ops import node_shape, op_of
-from .passes.report import SiteTable, detection_notes
-from .passes.site import LeafRecord
-from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
-from .graph.capture import CaptureRoute, Traced, as_input_tuple, as_kwargs, propagate_shapes, trace
-from .graph.export_route import export_capture
 from .graph.state import ModuleState
 from .graph.wrappers import unwrap
+from .observe.stripe import StripeStats, calibrated_psi, gate_probes, input_batches, measure, peek, total_batches
+from .passes.contract import attach_report, check_fused, report_of
+from .passes.convert import ConvertReport, PsiInit, convert_sites
+from .passes.detect import detect
+from .passes.find import capture_model, find_sites, has_shapes
+from .passes.fuse import PLACEMENTS, fuse_graph
+from .passes.gate_in_layers import move_gates_into_layers
+from .passes.report import SiteTable, detection_notes
 
 __all__ = ["find_attention", "convert", "fuse", "insert", "report_of", "stripe", "backbone"]
 
@@ -58,17 +53,7 @@ def find_attention(
     is not modified.
     """
     model, _ = _unwrapped(model, "find_attention", rewrap=False)
-    traced = _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args)
-    found = detect(traced.gm)
-    table = SiteTable(
-        sites=tuple(found.sites),
-        rejections=tuple(found.rejections),
-        leaves=traced.leaves,
-        graph_module=traced.gm,
-        model_name=type(model).__name__,
-        layout_losses=tuple(found.layout_losses),
-        capture=traced.route,
-    )
+    table = find_sites(model, example_inputs, example_kwargs, leaf_modules, concrete_args)
     for note in table.notes:
         warnings.warn(note, AsrfxWarning, stacklevel=2)
     return table
@@ -82,12 +67,13 @@ def convert(
     keep: bool = False,
     psi_init: PsiInit = 0.1,
     data: Iterable[Any] | None = None,
-    calibrate_batches: int | None = None,
+    max_batches: int | None = None,
     inplace: bool = False,
     gate_in_norm: bool = True,
     gate_in_consumers: bool = True,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
+    calibrate_batches: int | None = None,
 ) -> fx.GraphModule:
     """Rewrite every channel-attention block of ``model`` into ASR form for training.
 
@@ -106,7 +92,8 @@ def convert(
         data: with psi_init="calibrate", the batches to measure on (a DataLoader, an iterable
             of tensors or of (inputs, labels) pairs); run in eval mode, without gradients.
             ``example_inputs`` may then be omitted (the first batch gives the shapes).
-        calibrate_batches: read at most this many batches of ``data``.
+        max_batches: read at most this many batches of ``data`` (as in :func:`stripe`;
+            ``calibrate_batches``, its old name, still works and warns).
         inplace: share the model's modules and parameters instead of copying them
             (training the result then trains the model's own parameters).
         gate_in_norm: apply a gate inside the BatchNorm that produced x when nothing else
@@ -131,55 +118,48 @@ def convert(
     if calibrate and data is None:
         raise TypeError("convert(psi_init='calibrate') measures psi on data: pass data=a DataLoader or "
                         "an iterable of input batches (e.g. a few hundred training images)")
-    if not calibrate and (data is not None or calibrate_batches is not None):
-        raise TypeError("convert(data=..., calibrate_batches=...) are read only with psi_init='calibrate'")
+    if calibrate_batches is not None:
+        if max_batches is not None:
+            raise TypeError("convert(max_batches=..., calibrate_batches=...): pass max_batches only")
+        warnings.warn("convert(calibrate_batches=...) is now convert(max_batches=...), as in asrfx.stripe; "
+                      "the old name will be removed in the next release", FutureWarning, stacklevel=2)
+        max_batches = calibrate_batches
+    if not calibrate and (data is not None or max_batches is not None):
+        raise TypeError("convert(data=..., max_batches=...) are read only with psi_init='calibrate'")
     model, wrapper_note = _unwrapped(model, "convert")
     module_state = ModuleState.of(model)
     batches = None
     if calibrate:
-        batches = input_batches(data, calibrate_batches)
+        batches = input_batches(data, max_batches)
         first, batches = peek(batches)
         example_inputs = first if example_inputs is None else example_inputs
     work = model if inplace else copy.deepcopy(model)
-    traced = _traced_with_shapes(work, example_inputs, example_kwargs, leaf_modules, concrete_args,
-                                 require_inputs=True)
+    traced = capture_model(work, example_inputs, example_kwargs, leaf_modules, concrete_args, require_inputs=True)
     gm, inputs, kwargs = traced.gm, as_input_tuple(example_inputs), as_kwargs(example_kwargs)
-    steps = [
-        ("layout", lambda g, st: st.update(layouts=infer_layouts(g))),
-        ("detect", lambda g, st: st.update(found=detect(g, st["layouts"]))),
-        # before the rewrite: the pooled statistics are measured in the original graph
-        ("calibrate", lambda g, st: st.update(psi=calibrated_psi(g, st["found"].sites, batches, also=(work,),
-                                                                 kwargs=kwargs)
-                                              if calibrate and st["found"].sites else psi_init)),
-        ("rewrite", lambda g, st: st.update(report=convert_sites(
-            g, st["found"].sites, st["layouts"], st["found"].flows, keep=keep, psi_init=st["psi"])[1])),
-        ("shapes", lambda g, st: propagate_shapes(g, inputs, kwargs)),
-        ("gate_in_layers", lambda g, st: (gate_in_norm or gate_in_consumers) and move_gates_into_layers(
-            g, st["report"], producers=gate_in_norm, consumers=gate_in_consumers)),
-    ]
-    state: dict[str, Any] = {}
-    for _name, step in steps:
-        step(gm, state)
-    report: ConvertReport = state["report"]
+    # the steps, in order
+    layouts = infer_layouts(gm)
+    found = detect(gm, layouts)
+    psi = (calibrated_psi(gm, found.sites, batches, also=(work,), kwargs=kwargs)  # measured before the rewrite
+           if calibrate and found.sites else psi_init)
+    _, report = convert_sites(gm, found.sites, layouts, found.flows, keep=keep, psi_init=psi)
+    propagate_shapes(gm, inputs, kwargs)
+    if gate_in_norm or gate_in_consumers:  # training fast path: gates applied inside layers
+        move_gates_into_layers(gm, report, producers=gate_in_norm, consumers=gate_in_consumers)
+    module_state.apply(gm)  # the caller's frozen norms, dropout flags and requires_grad, by name
+    # what the user must hear
     report.applications.clear()  # graph nodes: only for the passes above, not to be kept or copied
     report.capture = traced.route
     report.notes.extend(n for n in (wrapper_note, traced.mode_note) if n)
     report.notes.extend(f"'{leaf.path}' ({leaf.module_type}) was kept as a single call and not searched for "
                         f"attention: {leaf.unsearched}" for leaf in traced.leaves if leaf.unsearched)
-    found = state["found"]
-    for note in detection_notes(len(found.sites), found.rejections, found.layout_losses):
-        report.notes.append(note)
-        warnings.warn(note, AsrfxWarning, stacklevel=2)
+    _tell(report, detection_notes(len(found.sites), found.rejections, found.layout_losses))
     if calibrate and report.sites:
-        report.notes.append(f"psi calibrated: the mean pooled statistics over {state['psi'].samples} samples "
-                            f"({state['psi'].batches} batches)")
+        report.notes.append(f"psi calibrated: the mean pooled statistics over {psi.samples} samples "
+                            f"({psi.batches} batches)")
     if not report.sites:
-        note = (f"no channel-attention site found in {type(model).__name__}: nothing was converted, "
-                "the GraphModule computes the same function as the model")
-        report.notes.append(note)
-        warnings.warn(note, AsrfxWarning, stacklevel=2)
+        _tell(report, [f"no channel-attention site found in {type(model).__name__}: nothing was converted, "
+                       "the GraphModule computes the same function as the model"])
     attach_report(gm, report)
-    module_state.apply(gm)  # the caller's frozen norms, dropout flags and requires_grad, by name
     return gm
 
 
@@ -196,6 +176,7 @@ def stripe(
     keep_rows: int = 64,
     progress: bool = True,
     leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
 ) -> StripeStats:
     """Measure how constant each attention gate is over ``data`` (the paper's Stripe Observation).
 
@@ -209,7 +190,7 @@ def stripe(
         max_batches: read at most this many batches.
         keep_rows: samples whose gates and pooled statistics are kept for heatmaps.
         progress: show a progress bar (when tqdm is installed).
-        leaf_modules: as for :func:`find_attention`.
+        leaf_modules, concrete_args: as for :func:`find_attention`.
 
     For every site, the gate (before broadcasting, flattened per sample) and each pooled
     statistic feeding the excitation are read off the traced graph, which shares the model's
@@ -223,7 +204,7 @@ def stripe(
     batches = input_batches(data, max_batches)
     first, batches = peek(batches)
     table = find_attention(model, first if example_inputs is None else example_inputs,
-                           example_kwargs=example_kwargs, leaf_modules=leaf_modules)
+                           example_kwargs=example_kwargs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     probes = gate_probes(table.graph_module, table.sites)
     if not probes:
         why = f" ({len(table.rejections)} look-alike(s) refused: {table.rejections[0].reason})" \
@@ -269,7 +250,9 @@ def fuse(
     if isinstance(gm, torch.export.ExportedProgram):
         if placement != "producer":
             raise TypeError("fuse(placement=...) applies to a GraphModule; fuse it, then export it")
-        return _fuse_exported(gm, dynamic_shapes)
+        from .deploy.export import fuse_exported
+
+        return fuse_exported(gm, dynamic_shapes)
     if dynamic_shapes is not None:
         raise TypeError("fuse(dynamic_shapes=...) applies to an ExportedProgram only; "
                         "for a GraphModule, pass dynamic_shapes to torch.export.export(fuse(gm), ...)")
@@ -285,7 +268,7 @@ def fuse(
     inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
     if inputs or kwargs:
         propagate_shapes(work, inputs, kwargs)
-    elif not _has_shapes(work):
+    elif not has_shapes(work):
         raise AsrfxError("fuse needs the shapes of the graph's tensors: pass example_inputs=(x,)")
     state = ModuleState.of(work)
     work, report = fuse_graph(work, placement)
@@ -306,6 +289,8 @@ def insert(
     psi_init: PsiInit = 0.1,
     inplace: bool = False,
     convert: bool = True,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
     **attention_kwargs: Any,
 ) -> fx.GraphModule:
     """Add ASR(k) to a plain backbone: insert attention k, in psi form, ready to train.
@@ -322,7 +307,8 @@ def insert(
             or after every BatchNorm when the model has no residual adds.
         repeats: the paper's delta (Table 7): modules in a row at each place, each with its
             own parameters.
-        psi_init, inplace: as for :func:`convert`; ``attention_kwargs`` go to the module.
+        psi_init, inplace, leaf_modules, concrete_args: as for :func:`convert`; ``attention_kwargs``
+            go to the module.
         convert: False returns the backbone with the original, input-dependent attention
             modules inserted at the same places (the paper's "backbone + k" baseline); it can
             be converted later, e.g. ``asrfx.convert(result, x, keep=True)`` for ASR(k) + k.
@@ -342,7 +328,7 @@ def insert(
     model, wrapper_note = _unwrapped(model, "insert")
     state = ModuleState.of(model)
     work = model if inplace else copy.deepcopy(model)
-    traced = _traced_with_shapes(work, example_inputs, example_kwargs, (), None, require_inputs=True)
+    traced = capture_model(work, example_inputs, example_kwargs, leaf_modules, concrete_args, require_inputs=True)
     gm = traced.gm
     points = insertion_points(gm, infer_layouts(gm), where, work)
     device = next((t.device for t in itertools.chain(work.parameters(), work.buffers())), None)
@@ -379,6 +365,7 @@ def backbone(
     example_kwargs: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The plain backbone of an attention model: a copy with every attention block replaced by identity.
 
@@ -398,7 +385,8 @@ def backbone(
 
     model, _ = _unwrapped(model, "backbone", rewrap=False)
     plain = copy.deepcopy(model)
-    for site in find_attention(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules):
+    for site in find_attention(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
+                               concrete_args=concrete_args):
         path = site.module_path
         inside = module_path_of(site.x) or ""
         if not path or inside == path or inside.startswith(path + "."):
@@ -417,26 +405,11 @@ def backbone(
     return plain
 
 
-def _fuse_exported(program: torch.export.ExportedProgram, dynamic_shapes: Any) -> torch.export.ExportedProgram:
-    """Unlift the program (parameters become get_attr constants), fold, export again."""
-    from .deploy.frozen import fuse_frozen
-    from .passes.contract import mark_psi_attributes
-
-    training = [n.name for n in program.graph.nodes if n.op == "call_function" and op_of(n, {}).name == "batch_norm"
-                and call_argument(n, "training") is True]
-    if training:
-        raise AsrfxError(f"the exported program normalizes with batch statistics ('{training[0]}'): export the "
-                         "model in eval mode (call .eval() before torch.export.export), then fuse")
-    if program.example_inputs is None:
-        raise AsrfxError("the exported program keeps no example inputs (it was loaded or built without them): "
-                         "fuse the GraphModule from asrfx.convert, then export it")
-    args, kwargs = program.example_inputs
-    module = program.module()  # a new module: the program itself is never changed
-    mark_psi_attributes(module)
-    report = fuse_frozen(module, args, kwargs)  # the module takes the program's call structure
-    fused = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
-    attach_report(fused.graph_module, report)
-    return fused
+def _tell(report: ConvertReport, notes: list[str]) -> None:
+    """Notes the user must hear: warned now, and kept in the report."""
+    for note in notes:
+        warnings.warn(note, AsrfxWarning, stacklevel=3)
+        report.notes.append(note)
 
 
 def _unwrapped(model, verb: str, rewrap: bool = True):
@@ -449,158 +422,3 @@ def _unwrapped(model, verb: str, rewrap: bool = True):
     return model, note
 
 
-def _traced_with_shapes(model, example_inputs, example_kwargs, leaf_modules, concrete_args,
-                        require_inputs=False, both_modes=True) -> Traced:
-    """Capture ``model`` (GraphModules are copied, never annotated in place) and propagate shapes.
-
-    The fx route first; where torch.fx cannot get through the model's forward, or a submodule it
-    had to keep as a single call holds attention, the export route, which records why
-    (``both_modes=False``: exported in the model's mode only, to look for attention).
-    """
-    inputs, kwargs = as_input_tuple(example_inputs), as_kwargs(example_kwargs)
-    if isinstance(model, fx.GraphModule):
-        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        traced = Traced(gm, (), route=CaptureRoute("given"))
-    elif not isinstance(model, nn.Module):
-        return trace(model)  # raises, naming what was passed
-    elif not (inputs or kwargs):
-        traced = None
-    else:
-        try:
-            traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                           example_inputs=inputs, example_kwargs=kwargs)
-            propagate_shapes(traced.gm, inputs, kwargs)
-            why, leaves = _hidden_attention(model, traced.gm, traced.leaves)
-            traced = dataclasses.replace(traced, leaves=leaves)
-        except TracingError as exc:
-            traced, why = None, str(exc)
-        if why:
-            traced = _exported(model, inputs, kwargs, why, both_modes)
-        for leaf in traced.leaves:
-            if leaf.unsearched:
-                warnings.warn(f"module '{leaf.path}' ({leaf.module_type}) is kept as a single call and could not be "
-                              f"searched for attention ({leaf.unsearched}); attention inside its own forward would "
-                              "not be found", AsrfxWarning, stacklevel=3)
-    if inputs or kwargs:
-        if traced.route.name == "given":
-            propagate_shapes(traced.gm, inputs, kwargs)
-    elif traced is None or require_inputs or not _has_shapes(traced.gm):
-        raise AsrfxError(
-            f"asrfx needs the shapes of {type(model).__name__}'s tensors: pass "
-            "example_inputs=(torch.randn(1, 3, 224, 224),) (any batch size and resolution the "
-            "model accepts)" + ("." if require_inputs else
-                                ", or a GraphModule whose nodes carry shape metadata.")
-        )
-    return traced
-
-
-def _exported(model: nn.Module, inputs: tuple, kwargs: dict, why: str, both_modes: bool = True) -> Traced:
-    """The export route, after the fx route failed for ``why``; both reasons if it fails too."""
-    first, _, rest = why.partition("\n")
-    where = next((line.strip() for line in rest.splitlines() if line.strip().startswith("at ")), "")
-    try:
-        traced = export_capture(model, inputs, kwargs, reason=first + (f" ({where})" if where else ""),
-                                both_modes=both_modes)
-        propagate_shapes(traced.gm, inputs, kwargs)
-    except TracingError as exc:
-        raise TracingError(f"{why}\n  {exc}") from exc
-    return traced
-
-
-def _has_shapes(gm: fx.GraphModule) -> bool:
-    return any(node_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
-
-
-def _hidden_attention(model: nn.Module, gm: fx.GraphModule,
-                      leaves: tuple[LeafRecord, ...]) -> tuple[str, tuple[LeafRecord, ...]]:
-    """Why the fx graph cannot be used: a submodule kept as a single call holds attention (empty
-    if none does); and the leaves, each saying if it could not be searched."""
-    checked = []
-    for leaf in leaves:
-        found, unsearched = _leaf_attention(model, gm, leaf)
-        if found:
-            return (f"module '{leaf.path}' ({leaf.module_type}) cannot be traced by torch.fx ({leaf.reason}), "
-                    f"and it contains attention at {found}. asrfx never hides attention inside an untraceable "
-                    "module.\n  What to do: make its forward traceable, or pass a pre-traced torch.fx.GraphModule."
-                    ), leaves
-        checked.append(dataclasses.replace(leaf, unsearched=unsearched))
-    return "", tuple(checked)
-
-
-def _leaf_attention(model: nn.Module, gm: fx.GraphModule, leaf: LeafRecord) -> tuple[str, str]:
-    """(where attention is inside ``leaf``, why the leaf could not be searched); both empty when
-    it was searched and holds none.
-
-    The leaf runs on inputs shaped like the ones it receives: captured alone it takes the export
-    route (torch.fx failed inside it). If that fails too, each child that may hold attention is
-    captured alone; the leaf's own forward then stays unsearched, and says so.
-    """
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf.path]
-    module = model.get_submodule(leaf.path)
-    if not calls or not _may_hold_attention(module):
-        return "", ""
-    inputs = _random_like(calls[0].args)
-    if inputs is None:
-        return "", "no shapes for its inputs"
-    try:
-        found = detect(_traced_with_shapes(module, inputs, None, (), None, both_modes=False).gm).sites
-        return (f"'{leaf.path}{'.' + found[0].module_path if found[0].module_path else ''}' ({found[0].kind})"
-                if found else ""), ""
-    except TracingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines()]
-        unsearched = next((line for line in lines if line.startswith("torch.export cannot")), lines[0])
-    children = {name: c for name, c in module.named_children() if _may_hold_attention(c)}
-    for name, (child_args, child_kwargs) in _child_inputs(module, inputs, children).items():
-        try:
-            found = find_attention(module.get_submodule(name), child_args, example_kwargs=child_kwargs)
-        except TracingError:
-            continue  # the child reports its own failures when it is traced alone
-        if len(found):
-            return f"'{leaf.path}.{name}{'.' + found[0].module_path if found[0].module_path else ''}' " \
-                   f"({found[0].kind})", ""
-    return "", unsearched
-
-
-def _may_hold_attention(module: nn.Module) -> bool:
-    """torch.nn's own layers cannot, nor can a module without parameters (every channel attention
-    learns its excitation: timm's DropPath is searched for nothing); containers and user modules may."""
-    own = type(module).__module__.startswith("torch.nn") and not isinstance(
-        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-    return not own and next(module.parameters(), None) is not None
-
-
-def _random_like(args) -> tuple | None:
-    values = []
-    for a in args:
-        if isinstance(a, fx.Node):
-            meta = a.meta.get("tensor_meta")
-            if meta is None or not hasattr(meta, "shape"):
-                return None
-            if meta.dtype.is_floating_point:
-                values.append(torch.randn(meta.shape, dtype=meta.dtype))
-            else:
-                values.append(torch.zeros(meta.shape, dtype=meta.dtype))
-        else:
-            values.append(a)
-    return tuple(values)
-
-
-def _child_inputs(module: nn.Module, inputs: tuple, children: dict[str, nn.Module]) -> dict[str, tuple]:
-    """Run a copy of ``module`` and record the first (args, kwargs) each child is called with."""
-    probe = copy.deepcopy(module).eval()
-    seen: dict[str, tuple] = {}
-    hooks = []
-    copied = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-    for name in children:
-        def hook(_mod, args, kwargs, _name=name):
-            seen.setdefault(_name, (tuple(copied(a) for a in args), {k: copied(v) for k, v in kwargs.items()}))
-        hooks.append(probe.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            probe(*inputs)
-    except Exception:
-        return {}
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen

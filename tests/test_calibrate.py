@@ -90,9 +90,9 @@ def test_calibrate_batches_and_keep_mode():
     model = randomize(zoo.get_case("se_resnet_classic").build(), 13)
     batches = [torch.randn(3, 3, 32, 32) for _ in range(3)]
     oracle = _pool_means(model, {"u": "layer2.0.se.avg_pool"}, batches[:2])["u"]
-    gm = asrfx.convert(model, psi_init="calibrate", data=batches, calibrate_batches=2)
+    gm = asrfx.convert(model, psi_init="calibrate", data=batches, max_batches=2)
     torch.testing.assert_close(gm.get_submodule("layer2.0.se").psi.detach().double(), oracle, rtol=1e-5, atol=1e-6)
-    kept = asrfx.convert(model, batches[0], keep=True, psi_init="calibrate", data=batches, calibrate_batches=2)
+    kept = asrfx.convert(model, batches[0], keep=True, psi_init="calibrate", data=batches, max_batches=2)
     psi = dict(kept.named_parameters())
     names = [n for n in psi if n.endswith("psi")]
     assert len(names) == 3
@@ -137,3 +137,14 @@ def test_refusals():
     plain = zoo.get_case("neg_plain_resnet_gap").build()
     with pytest.warns(asrfx.AsrfxWarning, match="nothing was converted"):
         asrfx.convert(plain, psi_init="calibrate", data=[x])
+
+
+def test_the_old_name_calibrate_batches_still_works_and_warns():
+    model = randomize(zoo.get_case("se_resnet_classic").build(), 13)
+    batches = [torch.randn(3, 3, 32, 32) for _ in range(3)]
+    new = asrfx.convert(model, psi_init="calibrate", data=batches, max_batches=2)
+    with pytest.warns(FutureWarning, match="max_batches"):
+        old = asrfx.convert(model, psi_init="calibrate", data=batches, calibrate_batches=2)
+    torch.testing.assert_close(old.get_submodule("layer2.0.se").psi, new.get_submodule("layer2.0.se").psi)
+    with pytest.raises(TypeError, match="pass max_batches only"):
+        asrfx.convert(model, psi_init="calibrate", data=batches, max_batches=2, calibrate_batches=2)

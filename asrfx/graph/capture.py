@@ -41,10 +41,9 @@ from torch.fx.node import map_aggregate
 from ..errors import TracingError
 from .edit import rewire_inplace
 from .shapes import meta_run
-from ..passes.site import LeafRecord
 from .modes import training_graph_or_divergence, uniform_mode
 
-__all__ = ["CaptureRoute", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
+__all__ = ["CaptureRoute", "LeafRecord", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
            "check_call", "placeholder_values", "GraphRunner", "first_line", "user_frame"]
 
 _MAX_LEAVES = 512
@@ -61,6 +60,16 @@ class CaptureRoute:
         what = {"fx": "torch.fx symbolic tracing", "export": "torch.export (training IR)",
                 "given": "the GraphModule as given"}.get(self.name, self.name)
         return f"captured by {what}" + (f", because {self.reason}" if self.reason else "")
+
+
+@dataclass(frozen=True)
+class LeafRecord:
+    """A submodule that torch.fx could not trace through and was kept as one call."""
+
+    path: str  # module path in the original model
+    module_type: str  # its class name
+    reason: str  # first line of the tracing error
+    unsearched: str = ""  # why it could not be searched for attention ("" when it was)
 
 
 @dataclass(frozen=True)

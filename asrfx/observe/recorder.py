@@ -8,6 +8,7 @@ which shares the live model's parameters and buffers, so it always sees the curr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import find_attention
-from ..errors import AsrfxError
+from ..passes.find import find_sites
+from ..errors import AsrfxError, AsrfxWarning
 from .stripe import gate_probes, input_batches, measure
 
 __all__ = ["GateRecorder"]
@@ -45,8 +46,10 @@ class GateRecorder:
             raise AsrfxError("GateRecorder needs a probe batch: a tensor of fixed inputs [P, ...]")
         # a copy: later edits of the caller's tensor must not change the probe
         self._inputs = tuple(t.detach().clone() for t in batches[0])
-        table = find_attention(model, self._inputs if example_inputs is None else example_inputs,
-                               leaf_modules=leaf_modules)
+        table = find_sites(model, self._inputs if example_inputs is None else example_inputs,
+                           leaf_modules=leaf_modules)
+        for note in table.notes:
+            warnings.warn(note, AsrfxWarning, stacklevel=2)
         self._gm = table.graph_module
         self._model = model
         self._probes = gate_probes(self._gm, table.sites)

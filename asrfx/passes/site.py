@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from torch import fx
 
+from ..graph.capture import LeafRecord  # a capture record; re-exported here with the other records
+
 __all__ = ["SiteKind", "Combine", "GateUse", "Absorption", "AttentionSite", "Verdict", "Rejection", "LayoutLoss",
            "LeafRecord"]
 
@@ -128,11 +130,3 @@ class LayoutLoss:
     tensors: int  # how many values, from this node on, have an axis of unknown meaning
 
 
-@dataclass(frozen=True)
-class LeafRecord:
-    """A submodule that torch.fx could not trace through and was kept as one call."""
-
-    path: str  # module path in the original model
-    module_type: str  # its class name
-    reason: str  # first line of the tracing error
-    unsearched: str = ""  # why it could not be searched for attention ("" when it was)
