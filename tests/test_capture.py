@@ -422,7 +422,7 @@ class Checked(nn.Module):
 
 
 @settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(networks(), st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**16))
+@given(networks(with_attention=True), st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**16))
 def test_export_route_follows_the_same_rules(net_expected, batch, size, seed):
     """
     Random architectures (attention kinds and decoys, norms, activations, residuals, random

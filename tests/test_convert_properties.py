@@ -25,7 +25,7 @@ def _placeholder_ancestor(node) -> bool:
 
 
 @settings(max_examples=examples(25))
-@given(networks(), st.booleans(), st.integers(1, 3), st.integers(1, 9), st.integers(1, 4), st.integers(1, 9))
+@given(networks(with_attention=True), st.booleans(), st.integers(1, 3), st.integers(1, 9), st.integers(1, 4), st.integers(1, 9))
 def test_convert_random_networks(net_expected, keep, batch, size, run_batch, run_size):
     """
     Every inserted attention module is converted; its gate reads no input; new parameters

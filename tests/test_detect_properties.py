@@ -80,15 +80,19 @@ class RandomNet(nn.Module):
 
 
 @st.composite
-def networks(draw):
-    """A random network and the (path, kind, channels) of every attention module in it."""
+def networks(draw, with_attention: bool = False):
+    """A random network and the (path, kind, channels) of every attention module in it.
+    ``with_attention``: at least one stage holds attention (the passes after detection have
+    nothing to test on a draw without any)."""
     depth = draw(st.integers(1, 4))
     width = draw(st.sampled_from([16, 32]))
+    slots = [draw(st.sampled_from(["none", "attention", "attention", "decoy"])) for _ in range(depth)]
+    if with_attention and "attention" not in slots:
+        slots[draw(st.integers(0, depth - 1))] = "attention"
     stages, expected = [], []
     cin = width
-    for i in range(depth):
+    for i, slot in enumerate(slots):
         cout = draw(st.sampled_from([16, 32]))
-        slot = draw(st.sampled_from(["none", "attention", "attention", "decoy"]))
         plug = None
         if slot == "attention":
             kind = draw(st.sampled_from(sorted(ATTENTION)))

@@ -252,7 +252,7 @@ def test_inductor_compiles_the_fused_graph(inner_options):
 
 
 @settings(max_examples=examples(12))
-@given(networks(), st.integers(0, 2**16), st.integers(1, 3), st.integers(2, 9))
+@given(networks(with_attention=True), st.integers(0, 2**16), st.integers(1, 3), st.integers(2, 9))
 def test_random_networks_compile_to_their_backbone(net_expected, seed, batch, size):
     """
     Random architectures (attention kinds, decoys, norms with random statistics), random psi,

@@ -22,7 +22,7 @@ def kind_of(expected, path):
 
 
 @settings(max_examples=examples(30))
-@given(networks(), st.integers(0, 2**16), st.integers(1, 3), st.integers(1, 9))
+@given(networks(with_attention=True), st.integers(0, 2**16), st.integers(1, 3), st.integers(1, 9))
 def test_fuse_random_networks(net_expected, seed, batch, size):
     """
     Random depth, widths, kernels, groups, strides, residuals, norms (BN with random running
