@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -93,6 +93,22 @@ def _load_fashion_mnist(root: str | None) -> Dataset:
     return Dataset(to_bytes(tx), ty, to_bytes(vx), vy, mean, std, 10)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's files are pickles of dicts, lists and numpy arrays: refuse anything else (a pickle can
+    run code while it loads, like torch.load without weights_only)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise UsageError(f"{module}.{name} in a CIFAR file: not the python-pickle format of numpy arrays "
+                             "torchvision reads; refusing to load it")
+        return super().find_class(module, name)
+
+
 def _load_cifar(name: str, root: str | None) -> Dataset:
     if not root:
         raise UsageError(f"--data {name} needs --data-root: a folder holding torchvision's "
@@ -108,8 +124,8 @@ def _load_cifar(name: str, root: str | None) -> Dataset:
     def read(files):
         xs, ys = [], []
         for f in files:
-            with open(folder / f, "rb") as fh:  # the official format is a pickle: read files you trust
-                entry = pickle.load(fh, encoding="bytes")
+            with open(folder / f, "rb") as fh:
+                entry = _ArrayUnpickler(fh, encoding="bytes").load()
             xs.append(torch.as_tensor(entry[b"data"]).reshape(-1, 3, 32, 32))
             ys.append(torch.as_tensor(entry[label_key]))
         return torch.cat(xs).to(torch.uint8), torch.cat(ys).long()
@@ -573,7 +589,7 @@ def _run_one(spec: RunSpec) -> dict:
     data = load_data(spec.data, spec.data_root)
     split_ = split(data, profile, device)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     net = build(spec.model, spec.arm, spec.seed, data).to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=profile.lr, momentum=0.9, weight_decay=profile.weight_decay)
@@ -636,7 +652,8 @@ def _run_one(spec: RunSpec) -> dict:
     if spec.arm in STRIPE_ARMS:
         result["stripe"] = stripe_check(spec, net, split_, data)
     result.update(started=started, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  seconds=time.perf_counter() - began, train_seconds=train_seconds)
+                  seconds=time.perf_counter() - began, train_seconds=train_seconds,
+                  cpu_seconds=time.process_time() - cpu_began)  # this session's part, if it resumed
     write_json(result_path, result)
     log(spec, f"test accuracy {result['test_acc']:.2%} ({result['seconds']:.0f} s); wrote {result_path}")
     return result

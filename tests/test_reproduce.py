@@ -184,3 +184,11 @@ def test_bad_input_is_one_clear_line(repro, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "reproduce.py: error: unknown arm(s) asr-xyz; choose from " + ", ".join(repro.ARMS)]
+
+
+def test_cifar_files_holding_code_are_refused(repro, tmp_path):
+    _fake_cifar(tmp_path, train=10, test=5)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as fh:
+        pickle.dump({b"data": subprocess.Popen, b"labels": []}, fh)  # a class reference: code on load
+    with pytest.raises(repro.UsageError, match="subprocess.Popen in a CIFAR file"):
+        repro._load_cifar("cifar10", str(tmp_path))
