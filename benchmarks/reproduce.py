@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -883,6 +884,7 @@ def plot(s: dict, curves_png: Path, final_png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = sorted({r["model"] for r in s["rows"]})
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
@@ -896,6 +898,7 @@ def plot(s: dict, curves_png: Path, final_png: Path) -> None:
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
         ax.set(title=f"{model} on {s['data']}: test accuracy (mean ± std over seeds)", xlabel="epoch",
                ylabel="test accuracy %")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -933,6 +936,8 @@ def report(out: Path, docs: Path) -> str:
     (docs / "images").mkdir(parents=True, exist_ok=True)
     (docs / "results").mkdir(parents=True, exist_ok=True)
     plot(s, docs / "images" / f"{stem}-curves.png", docs / "images" / f"{stem}-final.png")
+    for figure in sorted(out.glob("*/se/seed*/stripe.png"))[:1]:  # asrfx.stripe's figure of the first SE run
+        shutil.copyfile(figure, docs / "images" / f"{stem}-stripe-{figure.parts[-4]}-se-{figure.parts[-2]}.png")
     write_json(docs / "results" / f"{stem}.json", s)
     text = markdown(s)
     page = docs / "results.md"
