@@ -84,6 +84,29 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, mileston
             after_epoch(epoch + 1)
 
 
+def print_usage(model: nn.Module, stats, images: torch.Tensor) -> None:
+    """Is the SE used? Per site: how far the mean gates spread across channels (a constant 0.5 for
+    every channel only halves the activations) and how many hidden units of the excitation (fc1,
+    then ReLU) are positive on at least one test image (none: the gate ignores its input)."""
+    active = {}
+    handles = [m.fc1.register_forward_hook(lambda mod, i, out, path=path: active.__setitem__(
+        path, (out > 0).any(0) | active.get(path, torch.zeros(out.shape[1], dtype=torch.bool))))
+        for path, m in model.named_modules() if isinstance(m, SE)]
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    print("site: mean gate, spread across channels (std, min..max), hidden units used")
+    for s in stats:
+        mean = s.gate_mean
+        used = active.get(s.module_path)
+        print(f"  {s.module_path}: {float(mean.mean()):.3f}, {float(mean.std(unbiased=False)):.4f} "
+              f"({float(mean.min()):.3f}..{float(mean.max()):.3f}), "
+              f"{int(used.sum()) if used is not None else '?'} of {len(used) if used is not None else '?'}")
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -125,6 +148,7 @@ def main() -> None:
 
     stats = asrfx.stripe(model, test_loader, progress=False)
     print(stats)
+    print_usage(model, stats, test_images)
     stats.plot(out / "stripe_fmnist.png")
     print("at initialisation (2000 test images):")
     print(untrained)
