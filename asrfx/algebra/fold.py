@@ -34,7 +34,9 @@ __all__ = [
 def _in_float64(*results: tuple[str, ...]):
     """Run the decorated fold on float64 copies of its floating-point arguments and cast result i
     to the dtype of the first argument named in ``results[i]`` that is a tensor (the parameter it
-    replaces; for a created bias, the weight's)."""
+    replaces; for a created bias, the weight's). Applied as ``fold_x = _in_float64(...)(_fold_x)``
+    rather than as a decorator, so mutation testing (mutmut mutates undecorated functions only)
+    reaches the folding math (docs/testing.md)."""
 
     def wrap(fn):
         signature = inspect.signature(fn)
@@ -51,6 +53,7 @@ def _in_float64(*results: tuple[str, ...]):
             outs = tuple(o.to(d) if isinstance(o, torch.Tensor) and d is not None else o for o, d in zip(outs, dtypes))
             return outs if isinstance(out, tuple) else outs[0]
 
+        run.__name__ = run.__qualname__ = fn.__name__.lstrip("_")  # the public name: fx code and pickles find it
         return run
 
     return wrap
@@ -67,8 +70,7 @@ def embed(part: torch.Tensor, offset: int, width: int, neutral: float) -> torch.
     return full
 
 
-@_in_float64(("weight",), ("bias", "weight", "shift"))
-def fold_output_affine(
+def _fold_output_affine(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: torch.Tensor | None,
@@ -89,8 +91,10 @@ def fold_output_affine(
     return weight, bias
 
 
-@_in_float64(("weight",), ("bias", "weight"))
-def fold_conv_transpose_output_affine(
+fold_output_affine = _in_float64(("weight",), ("bias", "weight", "shift"))(_fold_output_affine)
+
+
+def _fold_conv_transpose_output_affine(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     groups: int,
@@ -108,8 +112,10 @@ def fold_conv_transpose_output_affine(
     return weight, bias
 
 
-@_in_float64(("weight",))
-def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+fold_conv_transpose_output_affine = _in_float64(("weight",), ("bias", "weight"))(_fold_conv_transpose_output_affine)
+
+
+def _fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A consumer conv/linear reading ``x * s``: scale its input-channel slices.
 
     Weight is [C_out, C_in / groups, *k] (Linear: [out, in], groups 1). Input channel
@@ -122,15 +128,19 @@ def fold_input_scale(weight: torch.Tensor, scale: torch.Tensor, groups: int = 1)
     return (w * s).reshape(weight.shape)
 
 
-@_in_float64(("weight",))
-def fold_conv_transpose_input_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+fold_input_scale = _in_float64(("weight",))(_fold_input_scale)
+
+
+def _fold_conv_transpose_input_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A ConvTranspose reading ``x * s``: its weight is [C_in, C_out / groups, *k], input channel c
     is row c whatever the groups."""
     return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
 
 
-@_in_float64(("bias", "weight"))
-def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor,
+fold_conv_transpose_input_scale = _in_float64(("weight",))(_fold_conv_transpose_input_scale)
+
+
+def _fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor,
                      groups: int = 1) -> torch.Tensor:
     """A consumer reading ``x + t`` with no padding (Linear, or a conv whose every window lies
     inside the input): ``W (x + t) + b == W x + (b + sum(W * t))``; output channel o of group g
@@ -142,8 +152,10 @@ def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor | None, shift: tor
     return extra if bias is None else bias + extra
 
 
-@_in_float64(("bias",))
-def fold_shift_through_batchnorm(
+fold_input_shift = _in_float64(("bias", "weight"))(_fold_input_shift)
+
+
+def _fold_shift_through_batchnorm(
     bias: torch.Tensor, weight: torch.Tensor | None, running_var: torch.Tensor, eps: float, shift: torch.Tensor
 ) -> torch.Tensor:
     """An eval-mode BatchNorm reading ``y + c``: ``BN(y + c) == BN(y) + c * gamma / sqrt(var + eps)``."""
@@ -151,8 +163,10 @@ def fold_shift_through_batchnorm(
     return bias + shift * gamma / torch.sqrt(running_var + eps)
 
 
-@_in_float64(("running_mean",), ("weight",), ("bias",))
-def fold_scale_into_batchnorm_input(
+fold_shift_through_batchnorm = _in_float64(("bias",))(_fold_shift_through_batchnorm)
+
+
+def _fold_scale_into_batchnorm_input(
     running_mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_var: torch.Tensor, eps: float,
     scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,8 +184,10 @@ def fold_scale_into_batchnorm_input(
     return mean, weight * scale, new_bias
 
 
-@_in_float64(("tensor",))
-def scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+fold_scale_into_batchnorm_input = _in_float64(("running_mean",), ("weight",), ("bias",))(_fold_scale_into_batchnorm_input)
+
+
+def _scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
     """``tensor`` with its slices along ``axis`` multiplied by ``scale`` (a parameter inside a
     weight's computation, a layer scale): ``(t * g) * v == t * (g * v)``."""
     shape = [1] * tensor.dim()
@@ -179,9 +195,14 @@ def scale_along(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.T
     return tensor * scale.reshape(shape)
 
 
-@_in_float64(("tensor",))
-def shift_along(tensor: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
+scale_along = _in_float64(("tensor",))(_scale_along)
+
+
+def _shift_along(tensor: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
     """``tensor`` with ``shift`` added along ``axis`` (a bias added in the graph: ``(x + b) + c``)."""
     shape = [1] * tensor.dim()
     shape[axis] = -1
     return tensor + shift.reshape(shape)
+
+
+shift_along = _in_float64(("tensor",))(_shift_along)
