@@ -662,3 +662,36 @@ def test_a_module_that_branches_on_its_mode_is_kept_whole_and_follows_eval(train
     a = gm(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, gm(x))  # paths are dropped while training
+
+
+class _TryKeywords(nn.Module):
+    """speechbrain's pattern: each layer is offered a keyword, and the layers that do not take one
+    are called again without it (`except TypeError`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8), nn.LeakyReLU(),
+                                     asrfx.attention.SE(8, dims=1)])
+
+    def forward(self, x, lengths=None):
+        for layer in self.layers:
+            try:
+                x = layer(x, lengths=lengths)
+            except TypeError:
+                x = layer(x)
+        return x
+
+
+def test_a_layer_kept_whole_refuses_arguments_its_forward_does_not_take_while_tracing():
+    """torch.nn layers are not run while tracing: their arguments are bound to their forward's
+    signature, so `try: layer(x, lengths=n) except TypeError` takes the eager path and the graph runs."""
+    model, x = randomize(_TryKeywords(), 5).eval(), torch.randn(2, 8, 10)
+    table = asrfx.find_attention(model, x)
+    assert table.capture.name == "fx" and [s.module_path for s in table] == ["layers.3"]
+    gm = asrfx.convert(model, x).eval()
+    fused = asrfx.fuse(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), gm(x), rtol=1e-5, atol=1e-6)
+    backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers.3"))
+    assert asrfx.report_of(fused).verdict(sum(p.numel() for p in fused.parameters()), backbone) \
+        .startswith("the plain backbone")

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import copy
+import dataclasses
+import functools
 import inspect
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -82,6 +83,15 @@ class Traced:
     route: CaptureRoute = field(default_factory=lambda: CaptureRoute("fx"))  # which route made gm, and why
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature | None:
+    """The signature of ``cls.forward`` without ``self`` (None when Python cannot tell it)."""
+    try:
+        return inspect.signature(cls.forward).replace(parameters=list(inspect.signature(cls.forward).parameters.values())[1:])
+    except (TypeError, ValueError):
+        return None
+
+
 class _LeafTracer(fx.Tracer):
     """fx.Tracer that also keeps the given module paths and types as leaves."""
 
@@ -101,6 +111,19 @@ class _LeafTracer(fx.Tracer):
             self._depth -= 1
             if self._depth == 0:
                 self.top_value = a
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # A module kept as one call is not run while tracing; an eager call with arguments its forward
+        # does not take raises TypeError, and code such as `try: layer(x, lengths=n) except TypeError:
+        # layer(x)` (speechbrain) relies on it. Binding the arguments here takes the same path.
+        if self.is_leaf_module(m, self.path_of_module(m)):
+            signature = _forward_signature(type(m))
+            if signature is not None:
+                try:
+                    signature.bind(*args, **kwargs)
+                except TypeError as exc:
+                    raise TypeError(f"{type(m).__name__}.forward() {exc}") from None
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
