@@ -70,7 +70,7 @@ def prepare(target: str, work: Path) -> Path:
 
 def run(target: str, work: Path, jobs: int) -> dict:
     scratch = prepare(target, work)
-    env = {**os.environ, "HYPOTHESIS_PROFILE": "ci"}
+    env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
     mutmut = [sys.executable, "-m", "mutmut"]
     subprocess.run([*mutmut, "run", "--max-children", str(jobs)], cwd=scratch, env=env, check=False)
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=scratch, env=env, check=True)

@@ -50,7 +50,7 @@ def openvino_runner(path: Path):
         import openvino as ov
     except ImportError:
         return None
-    compiled = ov.Core().compile_model(str(path), "CPU")
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})  # not bf16 on CPUs that have it
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[compiled.output(0)]
 

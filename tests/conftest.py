@@ -7,7 +7,9 @@ Hypothesis profiles (``HYPOTHESIS_PROFILE=...``):
   pinned with ``@example`` in its test;
 * ``dev``: fresh random examples on every run, the same budgets;
 * ``deep``: fresh examples and ten times the budgets, to run by hand before a release:
-  ``HYPOTHESIS_PROFILE=deep python -m pytest -q tests -k properties``.
+  ``HYPOTHESIS_PROFILE=deep python -m pytest -q tests -k properties``;
+* ``mutation``: the ``ci`` examples without shrinking (benchmarks/mutation.py: a mutant only
+  has to make a test fail, and shrinking each failure made most of the run's time).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -24,4 +26,6 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", derandomize=True, **_COMMON)
 settings.register_profile("dev", **_COMMON)
 settings.register_profile("deep", **_COMMON)
+# benchmarks/mutation.py: the ci examples, without shrinking a failure (a mutant only needs to fail)
+settings.register_profile("mutation", derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
