@@ -70,7 +70,9 @@ def prepare(target: str, work: Path) -> Path:
 
 def run(target: str, work: Path, jobs: int) -> dict:
     scratch = prepare(target, work)
-    env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
+    # mutmut forks its workers from a process that already ran torch: a forked child that starts
+    # torch's OpenMP thread pool again deadlocks (every mutant then "times out"); one thread each
+    env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     mutmut = [sys.executable, "-m", "mutmut"]
     subprocess.run([*mutmut, "run", "--max-children", str(jobs)], cwd=scratch, env=env, check=False)
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=scratch, env=env, check=True)

@@ -124,3 +124,30 @@ def test_scale_and_shift_along_an_axis():
     close(shift_along(t, v, 1), t + v.reshape(1, 4, 1, 1))
     g, u = rand(5, 1, 1, 1), rand(5)
     close(scale_along(g, u, 0), g * u.reshape(5, 1, 1, 1))
+
+
+def test_the_float64_folds_keep_their_public_names_for_graphs_and_pickles(tmp_path):
+    """The training fast path puts fold_input_scale / scale_along into graphs as call targets: fx's
+    generated code and a pickled GraphModule find them by name in asrfx.algebra.fold."""
+    import pickle
+
+    import asrfx
+    from asrfx.algebra import fold
+    from torch import nn
+
+    for name in fold.__all__:
+        assert getattr(fold, name).__name__ == name and getattr(fold, name).__qualname__ == name
+    class FunctionalConsumer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn, self.se = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), asrfx.attention.SE(6, reduction=2)
+            self.weight = nn.Parameter(torch.randn(2, 6, 1, 1))
+
+        def forward(self, x):
+            return F.conv2d(self.se(F.hardswish(self.bn(self.stem(x)))), self.weight)
+
+    x = torch.randn(2, 3, 7, 7)
+    gm = asrfx.convert(FunctionalConsumer(), x)
+    assert any(getattr(n.target, "__name__", "") == "fold_input_scale" for n in gm.graph.nodes), gm.code
+    again = pickle.loads(pickle.dumps(gm))
+    torch.testing.assert_close(again(x), gm(x))

@@ -16,6 +16,7 @@ import functools
 import inspect
 
 import torch
+import torch.fx  # Proxy: a fold met while torch.fx traces a graph that calls it
 
 __all__ = [
     "embed",
@@ -43,6 +44,10 @@ def _in_float64(*results: tuple[str, ...]):
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            traced = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+            if traced is not None:  # a graph calling a fold is traced again (fx re-traces a GraphModule it
+                # unpickles): the fold stays one call, as torch.fx.wrap would keep it
+                return traced.tracer.create_proxy("call_function", run, args, kwargs)
             bound = signature.bind(*args, **kwargs).arguments
             dtypes = [next((bound[n].dtype for n in names if isinstance(bound.get(n), torch.Tensor)), None)
                       for names in results]
