@@ -197,8 +197,9 @@ def test_convert_trains_every_psi_and_fuse_is_the_backbone(name, build, shape, e
     """convert -> one training step reaches every psi -> fuse equals the ASR form (float64, 1e-10,
     random BatchNorm statistics) with the backbone's parameter count and no gate left."""
     model = randomize(build().double(), seed=1, scale=0.3, mean_scale=0.5).train()
-    x = torch.randn(*shape, dtype=torch.float64)
-    gm = asrfx.convert(model, x, psi_init=lambda site, s: torch.rand(s, dtype=torch.float64) + 0.5)
+    gen = torch.Generator().manual_seed(2)  # fixed draws: with unseeded ones a ReLU in an excitation was
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen)  # sometimes dead for psi (1 run in 6)
+    gm = asrfx.convert(model, x, psi_init=lambda site, s: torch.rand(s, dtype=torch.float64, generator=gen) + 0.5)
     psi = {n: p for n, p in gm.named_parameters() if n.rsplit(".", 1)[-1].startswith("psi")}
     assert len(psi) == len(expected)
     gm(x).square().mean().backward()
