@@ -36,12 +36,10 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx.graph import _PyTreeCodeGen
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.fx.node import map_aggregate
 
 from ..errors import TracingError
 from .edit import rewire_inplace
-from .shapes import meta_run
+from .shapes import meta_run, tensor_metadata
 from .modes import training_graph_or_divergence, uniform_mode
 
 __all__ = ["CaptureRoute", "LeafRecord", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
@@ -389,17 +387,7 @@ class _MetaRecorder(GraphRunner):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        found = False
-
-        def extract(obj):
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, extract)
-        self.metas.append(meta if found else None)
+        self.metas.append(tensor_metadata(result))
         self.devices.append(result.device if isinstance(result, torch.Tensor) else None)
         return result
 

@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-__all__ = ["meta_run"]
+__all__ = ["meta_run", "tensor_metadata"]
 
 
 class _Twins:
@@ -55,6 +55,22 @@ class _Twins:
         return found
 
 
+def tensor_metadata(result: Any) -> Any:
+    """A node's ``tensor_meta``: the TensorMetadata of a tensor result, the same structure of them for
+    a tuple/list/dict of tensors, None when the result holds no tensor."""
+    found = False
+
+    def extract(obj):
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    meta = map_aggregate(result, extract)
+    return meta if found else None
+
+
 class _MetaInterpreter(fx.Interpreter):
     """Runs the graph in eval mode on meta twins; records each node's tensor metadata."""
 
@@ -65,17 +81,7 @@ class _MetaInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        found = False
-
-        def extract(obj):
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, extract)
-        self.metas.append(meta if found else None)
+        self.metas.append(tensor_metadata(result))
         return result
 
     def call_module(self, target, args, kwargs):

@@ -68,31 +68,29 @@ class WeightGated:
         return f"{super().extra_repr()}, gate on the {self.gate_side} channels"
 
 
-class GatedConv1d(WeightGated, nn.Conv1d):
+class _GatedConv(WeightGated):
+    """The forward of the gated convolutions of every dimension."""
+
+    def forward(self, input: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return self._conv_forward(input, *self.gated_parameters(gate))
+
+
+class GatedConv1d(_GatedConv, nn.Conv1d):
     """``Conv1d(x * v)`` or ``Conv1d(x) * v``, computed as a Conv1d with v in its weights."""
 
     plain = nn.Conv1d
 
-    def forward(self, input: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return self._conv_forward(input, *self.gated_parameters(gate))
 
-
-class GatedConv2d(WeightGated, nn.Conv2d):
+class GatedConv2d(_GatedConv, nn.Conv2d):
     """``Conv2d(x * v)`` or ``Conv2d(x) * v``, computed as a Conv2d with v in its weights."""
 
     plain = nn.Conv2d
 
-    def forward(self, input: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return self._conv_forward(input, *self.gated_parameters(gate))
 
-
-class GatedConv3d(WeightGated, nn.Conv3d):
+class GatedConv3d(_GatedConv, nn.Conv3d):
     """``Conv3d(x * v)`` or ``Conv3d(x) * v``, computed as a Conv3d with v in its weights."""
 
     plain = nn.Conv3d
-
-    def forward(self, input: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return self._conv_forward(input, *self.gated_parameters(gate))
 
 
 class GatedLinear(WeightGated, nn.Linear):
