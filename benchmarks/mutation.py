@@ -38,7 +38,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                "tests/test_contract.py", "tests/test_detect_records.py", "tests/test_third_party_patterns.py")),
     "contract": (("asrfx/passes/contract.py",),
                  ("tests/test_contract.py", "tests/test_fuse.py", "tests/test_no_silent_damage.py",
-                  "tests/test_convert.py")),
+                  "tests/test_convert.py", "tests/test_deploy.py")),
 }
 __doc__ += "".join(f"\n    {name:<9} {', '.join(files)}  <-  {', '.join(Path(t).name for t in tests)}"
                    for name, (files, tests) in TARGETS.items())
@@ -89,11 +89,14 @@ def run(target: str, work: Path, jobs: int) -> dict:
 
 def summary(target: str, stats: dict) -> str:
     killed, survived, timeout = stats.get("killed", 0), stats.get("survived", 0), stats.get("timeout", 0)
+    untested = stats.get("no_tests", 0)
     caught = killed + timeout
-    total = caught + survived
-    rate = 100.0 * caught / total if total else float("nan")
-    return (f"{target:<9} {total:4d} mutants: {killed} killed, {timeout} timed out, {survived} survived, "
-            f"{stats.get('no_tests', 0)} without tests, {stats.get('skipped', 0)} skipped -> caught {rate:.1f}%")
+    tested = caught + survived
+    rate = 100.0 * caught / tested if tested else float("nan")
+    overall = 100.0 * caught / (tested + untested) if tested + untested else float("nan")
+    return (f"{target:<9} {tested + untested:4d} mutants: {killed} killed, {timeout} timed out, {survived} survived, "
+            f"{untested} in code no selected test runs, {stats.get('skipped', 0)} skipped -> caught {rate:.1f}% "
+            f"of those the tests run, {overall:.1f}% of all")
 
 
 def main() -> None:

@@ -138,7 +138,7 @@ def test_a_node_reading_a_psi_fails():
         mark(psi, Role.PSI, "se")
         scaled = fused.graph.call_function(operator.mul, (out.args[0], psi))
     out.args = (scaled,)
-    with pytest.raises(AsrfxError, match="ASR nodes|read a psi"):
+    with pytest.raises(AsrfxError, match="ASR nodes.*kept_psi"):
         check_fused(fused)
 
 
@@ -149,10 +149,19 @@ def test_a_computed_constant_gate_fails():
     fused.register_parameter("leftover", nn.Parameter(torch.zeros(1, 2, 1, 1)))
     out = fused.graph.output_node()
     with fused.graph.inserting_before(out):
+        doubled = fused.graph.call_function(operator.mul, (out.args[0], 2.0))  # not a gate: scanning goes on
         gate = fused.graph.call_function(torch.sigmoid, (fused.graph.get_attr("leftover"),))
-        scaled = fused.graph.call_function(operator.mul, (out.args[0], gate))
+        scaled = fused.graph.call_function(operator.mul, (doubled, gate))
     out.args = (scaled,)
     fused.recompile()
-    with pytest.raises(AsrfxError, match="computed constant gates"):
+    with pytest.raises(AsrfxError, match=f"computed constant gates: \\['{scaled.name}'\\]"):
         check_fused(fused)
 
+
+
+@pytest.mark.parametrize("name, psi", [("layer1.0.se.psi", True), ("se.psi_avg", True), ("psi", True),
+                                       ("layer1.0.psiblock.weight", False), ("se.fc.weight", False)])
+def test_psi_names_are_read_by_their_last_part(name, psi):
+    from asrfx.passes.contract import is_psi_name
+
+    assert is_psi_name(name) is psi
