@@ -8,7 +8,7 @@ import operator
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import asrfx
 import asrfx.dynamo as backend
@@ -165,3 +165,34 @@ def test_psi_names_are_read_by_their_last_part(name, psi):
     from asrfx.passes.contract import is_psi_name
 
     assert is_psi_name(name) is psi
+
+
+def test_psi_constants_are_found_by_their_dotted_or_mangled_names():
+    """Graphs of functional calls (Dynamo, an unlifted ExportedProgram) hold psi as get_attr
+    constants: dotted names as they are, Dynamo-mangled ones mapped back to the attention module
+    through the module path of the call that reads them; a node already marked is not counted."""
+    from asrfx.passes.contract import mark_psi_attributes, role_of, site_of
+
+    root = nn.Module()
+    for name in ("L__self___layer1_0_se_psi", "L__self___layer2_se_psi_avg", "L__self___head_weight",
+                 "known_psi", "stage.se.psi"):
+        root.register_buffer(name.replace(".", "_"), torch.ones(1))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    nodes = {}
+    for target, owner in (("L__self___layer1_0_se_psi", "layer1.0.se.fc1"), ("L__self___layer2_se_psi_avg", "layer2.se.fc"),
+                          ("L__self___head_weight", "head"), ("known_psi", "other.se.fc"), ("stage_se_psi", "stage.se.fc")):
+        node = graph.get_attr(target)
+        user = graph.call_function(operator.mul, (x, node))
+        user.meta["nn_module_stack"] = {owner: (owner, nn.Linear)}
+        nodes[target] = node
+        x = user
+    graph.output(x)
+    gm = fx.GraphModule(root, graph)
+    nodes["stage_se_psi"].target = "stage.se.psi"  # a dotted name, as an unlifted program keeps it
+    mark(nodes["known_psi"], Role.PSI, "other.se")
+    assert mark_psi_attributes(gm) == 3
+    assert site_of(nodes["L__self___layer1_0_se_psi"]) == "layer1.0.se"
+    assert site_of(nodes["L__self___layer2_se_psi_avg"]) == "layer2.se"
+    assert site_of(nodes["stage_se_psi"]) == "stage.se"
+    assert role_of(nodes["L__self___head_weight"]) is None and site_of(nodes["known_psi"]) == "other.se"
