@@ -175,13 +175,14 @@ def test_psi_constants_are_found_by_their_dotted_or_mangled_names():
 
     root = nn.Module()
     for name in ("L__self___layer1_0_se_psi", "L__self___layer2_se_psi_avg", "L__self___head_weight",
-                 "known_psi", "stage.se.psi"):
+                 "known_psi", "stage.se.psi", "L__self___se_psi"):
         root.register_buffer(name.replace(".", "_"), torch.ones(1))
     graph = fx.Graph()
     x = graph.placeholder("x")
     nodes = {}
     for target, owner in (("L__self___layer1_0_se_psi", "layer1.0.se.fc1"), ("L__self___layer2_se_psi_avg", "layer2.se.fc"),
-                          ("L__self___head_weight", "head"), ("known_psi", "other.se.fc"), ("stage_se_psi", "stage.se.fc")):
+                          ("L__self___head_weight", "head"), ("known_psi", "other.se.fc"), ("stage_se_psi", "stage.se.fc"),
+                          ("L__self___se_psi", "se.fc1")):  # the last: a top-level attention module
         node = graph.get_attr(target)
         user = graph.call_function(operator.mul, (x, node))
         user.meta["nn_module_stack"] = {owner: (owner, nn.Linear)}
@@ -191,8 +192,9 @@ def test_psi_constants_are_found_by_their_dotted_or_mangled_names():
     gm = fx.GraphModule(root, graph)
     nodes["stage_se_psi"].target = "stage.se.psi"  # a dotted name, as an unlifted program keeps it
     mark(nodes["known_psi"], Role.PSI, "other.se")
-    assert mark_psi_attributes(gm) == 3
+    assert mark_psi_attributes(gm) == 4
     assert site_of(nodes["L__self___layer1_0_se_psi"]) == "layer1.0.se"
     assert site_of(nodes["L__self___layer2_se_psi_avg"]) == "layer2.se"
     assert site_of(nodes["stage_se_psi"]) == "stage.se"
+    assert site_of(nodes["L__self___se_psi"]) == "se"
     assert role_of(nodes["L__self___head_weight"]) is None and site_of(nodes["known_psi"]) == "other.se"
