@@ -85,7 +85,8 @@ class Traced:
 def _forward_signature(cls: type) -> inspect.Signature | None:
     """The signature of ``cls.forward`` without ``self`` (None when Python cannot tell it)."""
     try:
-        return inspect.signature(cls.forward).replace(parameters=list(inspect.signature(cls.forward).parameters.values())[1:])
+        signature = inspect.signature(cls.forward)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
     except (TypeError, ValueError):
         return None
 

@@ -33,7 +33,8 @@ from torch import fx, nn
 
 from .dataflow import input_dependence
 from .ops import (
-    BROADCASTS, CONTRACTIONS, POOLS, REDUCTIONS, RESHAPES, Op, argument, module_op, node_shape, node_shapes, op_of,
+    BROADCASTS, CONTRACTIONS, PERMUTES, POOLS, REDUCTIONS, RESHAPES, Op, argument, axis_order, module_op, node_shape,
+    node_shapes, op_of,
 )
 
 __all__ = ["Layout", "infer_layouts", "has_spatial", "is_channel", "is_unknown", "merge_tags", "reshape_tags",
@@ -218,7 +219,6 @@ def _input_channel_axis(op: Op, node: fx.Node, in_rank: int):
 
 
 _NOT_A_LAYER = object()
-_PERMUTES = frozenset({"permute", "transpose", "movedim", "t", "getattr_T", "getattr_mT", "numpy_T"})
 
 
 def _last_layer_roles(module: nn.Module | None, rank: int) -> str | None:
@@ -269,34 +269,6 @@ def _norm_dims(dim, rank: int) -> list[int] | None:
     if not isinstance(dim, (list, tuple)) or not all(isinstance(d, int) for d in dim):
         return None
     return sorted({d % rank for d in dim}) if rank else []
-
-
-def _axis_order(node: fx.Node, name: str, rank: int) -> list[int] | None:
-    """Where each output axis of a permute/transpose/movedim/.T comes from."""
-    try:
-        if name == "permute":
-            order = node.args[1:] if len(node.args) > 2 or isinstance(argument(node, 1, "dims"), int) \
-                else argument(node, 1, "dims")
-            return [int(d) % rank for d in order]
-        if name == "transpose":
-            a, b = int(argument(node, 1, "dim0")) % rank, int(argument(node, 2, "dim1")) % rank
-            order = list(range(rank))
-            order[a], order[b] = order[b], order[a]
-            return order
-        if name == "movedim":
-            src, dst = argument(node, 1, "source"), argument(node, 2, "destination")
-            src = [src] if isinstance(src, int) else list(src)
-            dst = [dst] if isinstance(dst, int) else list(dst)
-            src, dst = [s % rank for s in src], [d % rank for d in dst]
-            rest = iter(d for d in range(rank) if d not in src)
-            placed = dict(zip(dst, src))
-            return [placed[d] if d in placed else next(rest) for d in range(rank)]
-    except (TypeError, ValueError, StopIteration):  # a dim computed at run time
-        return None
-    order = list(range(rank))  # .t(), .T, .mT: reverse the last two
-    if rank >= 2:
-        order[-1], order[-2] = order[-2], order[-1]
-    return order
 
 
 _EINSUM_TERM = re.compile(r"[a-zA-Z.]+")
@@ -387,8 +359,8 @@ class _Propagator:
         if in_shape is None or shape is None:
             return None
         rank = len(axes)
-        if op.name in _PERMUTES:
-            order = _axis_order(node, op.name, rank)
+        if op.name in PERMUTES:
+            order = axis_order(node, op.name, rank)
             return [axes[o] for o in order] if order is not None and len(order) == len(shape) else None
         if op.name == "unsqueeze" and len(shape) == rank + 1:
             dim = argument(node, 1, "dim")
@@ -533,7 +505,7 @@ class _Propagator:
     def _permute(self, node, op, shape, in_shape, in_lay) -> Layout | None:
         if not in_lay:
             return None
-        order = _axis_order(node, op.name, len(in_lay))
+        order = axis_order(node, op.name, len(in_lay))
         if order is None or len(order) != len(shape):
             return ("?",) * len(shape)
         return tuple(in_lay[o] for o in order)
@@ -661,7 +633,7 @@ _RULES = {
     "squeeze": _Propagator._squeeze,
     **{name: _Propagator._reshape for name in RESHAPES - {"squeeze", "unsqueeze"}},
     "getitem": _Propagator._getitem,
-    **{name: _Propagator._permute for name in _PERMUTES},
+    **{name: _Propagator._permute for name in PERMUTES},
     **{name: _Propagator._reduce for name in REDUCTIONS},
     **{name: _Propagator._pool for name in POOLS},
     **{name: _Propagator._contract for name in CONTRACTIONS},

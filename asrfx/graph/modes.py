@@ -54,7 +54,7 @@ def training_graph_or_divergence(graphs: dict[bool, fx.Graph | None], training: 
     if graphs[True] is None or graphs[False] is None:
         return graphs[training], (f"{name} could not be captured in {'eval' if training else 'train'} mode; "
                                   f"the graph follows the mode it was captured in ({mode})"), ""
-    why, node = _merge_graphs(graphs[True], graphs[False])
+    why, node = merge_training_graphs(graphs[True], graphs[False])
     if why:
         return (graphs[training], f"{name} {why}; the graph follows the mode it was captured in ({mode})",
                 (module_path_of(node) or "") if node is not None else "")
@@ -84,12 +84,7 @@ def is_counter(node: fx.Node) -> bool:
             and (is_flag or isinstance(step, (int, float)) and not isinstance(step, bool)))
 
 
-def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> str:
-    """Make ``train`` follow the training flags; returns why it cannot (see :func:`_merge_graphs`)."""
-    return _merge_graphs(train, eval_)[0]
-
-
-def _merge_graphs(train: fx.Graph, eval_: fx.Graph) -> tuple[str, fx.Node | None]:
+def merge_training_graphs(train: fx.Graph, eval_: fx.Graph) -> tuple[str, fx.Node | None]:
     """Make ``train`` follow the training flags; returns why it cannot (``train`` then unchanged) and
     the node where the graphs first differ (None when they align).
 

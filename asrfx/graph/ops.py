@@ -18,6 +18,8 @@ import torch
 from torch import fx, nn
 
 __all__ = [
+    "PERMUTES",
+    "axis_order",
     "Op",
     "op_of",
     "module_op",
@@ -328,3 +330,38 @@ def _dotted(path: str) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     return path.replace("L['self']", "").lstrip(".")
+
+
+# Ops that only permute axes (canonical names; .T / .mT / numpy's .T as op_of spells them).
+PERMUTES = frozenset({"permute", "transpose", "movedim", "t", "getattr_T", "getattr_mT", "numpy_T"})
+
+
+def axis_order(node: fx.Node, name: str, rank: int) -> list[int] | None:
+    """Where each output axis of a permute/transpose/movedim/.T comes from (read by layout and by the
+    absorb planner); None for another op or a dim computed at run time."""
+    if name not in PERMUTES:
+        return None
+    try:
+        if name == "permute":
+            order = node.args[1:] if len(node.args) > 2 or isinstance(argument(node, 1, "dims"), int) \
+                else argument(node, 1, "dims")
+            return [int(d) % rank for d in order]
+        if name == "transpose":
+            a, b = int(argument(node, 1, "dim0")) % rank, int(argument(node, 2, "dim1")) % rank
+            order = list(range(rank))
+            order[a], order[b] = order[b], order[a]
+            return order
+        if name == "movedim":
+            src, dst = argument(node, 1, "source"), argument(node, 2, "destination")
+            src = [src] if isinstance(src, int) else list(src)
+            dst = [dst] if isinstance(dst, int) else list(dst)
+            src, dst = [s % rank for s in src], [d % rank for d in dst]
+            rest = iter(d for d in range(rank) if d not in src)
+            placed = dict(zip(dst, src))
+            return [placed[d] if d in placed else next(rest) for d in range(rank)]
+    except (TypeError, ValueError, StopIteration):  # a dim computed at run time
+        return None
+    order = list(range(rank))  # .t(), .T, .mT: reverse the last two
+    if rank >= 2:
+        order[-1], order[-2] = order[-2], order[-1]
+    return order

@@ -24,7 +24,7 @@ from torch import fx
 
 from ..algebra.rules import ABSORBERS, COMMUTE, Axes, Needs, input_absorbs, output_absorbs, scale_passes, shift_passes
 from ..graph.layers import LayerIndex, layer_of
-from ..graph.ops import argument, data_readers, node_shape, node_shapes, op_of
+from ..graph.ops import argument, axis_order, data_readers, node_shape, node_shapes, op_of
 
 __all__ = ["Span", "Target", "Plan", "plan_producer", "plan_consumers", "Sign", "label_of"]
 
@@ -456,21 +456,6 @@ def _matching_axis(shape: Sequence[int], other: Sequence[int], axis: int) -> int
     return None
 
 
-def _permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
-    """out axis k holds in axis order[k]."""
-    if name == "permute":
-        dims = node.args[1:] if len(node.args) > 2 else argument(node, 1, "dims")
-        if isinstance(dims, int):
-            dims = [dims]
-        return [int(d) % rank for d in dims]
-    if name == "transpose":
-        a, b = int(argument(node, 1, "dim0")) % rank, int(argument(node, 2, "dim1")) % rank
-        order = list(range(rank))
-        order[a], order[b] = order[b], order[a]
-        return order
-    return None
-
-
 def _index_terms(node: fx.Node, rank: int) -> list[tuple[int | None, Any]] | None:
     """getitem's index as (input axis, what it does) per output axis plus removed axes; None if unknown.
 
@@ -535,7 +520,7 @@ def _map_back(node: fx.Node, name: str, span: Span, modules, readers) -> tuple[f
             return None, "changes the size of the gated axis"
         return src, span
     if rule.axes is Axes.REARRANGE:
-        order = _permutation(node, name, len(in_shape))
+        order = axis_order(node, name, len(in_shape))
         axis = order[span.axis] if order is not None else (
             span.axis if name == "contiguous" else _matching_axis(out_shape, in_shape, span.axis))
         return (src, span.moved(axis=axis)) if axis is not None else (None, "splits or merges the gated axis")
@@ -603,7 +588,7 @@ def _map_forward(src: fx.Node, node: fx.Node, name: str, span: Span) -> Span | N
             return "changes the size of the gated axis"
         return span
     if rule.axes is Axes.REARRANGE:
-        order = _permutation(node, name, len(in_shape))
+        order = axis_order(node, name, len(in_shape))
         if order is not None:
             return span.moved(axis=order.index(span.axis))
         axis = span.axis if name == "contiguous" else _matching_axis(in_shape, out_shape, span.axis)

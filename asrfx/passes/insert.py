@@ -133,8 +133,8 @@ def insertion_points(gm: fx.GraphModule, layouts, where: Callable[[str, nn.Modul
 
 
 def _kind(node: fx.Node, modules) -> str:
-    module = modules.get(str(node.target)) if node.op == "call_module" else None
-    return type(module).__name__ if module is not None else op_of(node, modules).name
+    op = op_of(node, modules)
+    return type(op.module).__name__ if op.module is not None else op.name
 
 
 def _submodule(model: nn.Module | None, path: str | None) -> nn.Module | None:
