@@ -33,7 +33,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fold": (("asrfx/algebra/fold.py",),
              ("tests/test_fold_math.py", "tests/test_fold_properties.py", "tests/test_fold_rules.py")),
     "rules": (("asrfx/algebra/rules.py", "asrfx/passes/absorb.py"),
-              ("tests/test_fold_rules.py", "tests/test_fold_agreement.py", "tests/test_fold_properties.py",
+              ("tests/test_plan.py", "tests/test_fold_rules.py", "tests/test_fold_agreement.py", "tests/test_fold_properties.py",
                "tests/test_fuse.py", "tests/test_fuse_properties.py", "tests/test_gate_in_layers.py",
                "tests/test_contract.py", "tests/test_detect_records.py", "tests/test_third_party_patterns.py")),
     "contract": (("asrfx/passes/contract.py",),

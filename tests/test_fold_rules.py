@@ -129,6 +129,34 @@ def test_a_split_gated_tensor_folds_into_each_pieces_consumer():
     assert _muls(fused) == 0
 
 
+class GatedPiece(nn.Module):
+    """Res2Net/GhostNet-style: one conv-BN, split into two pieces, SE on the second piece only;
+    ``cut`` 1 splits channels (the other piece sees no gate), 2 splits rows (so the gate cannot
+    fold back into the conv: the first piece would be scaled too)."""
+
+    def __init__(self, cut=1):
+        super().__init__()
+        self.conv, self.bn, self.cut = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), cut
+        self.se = SE(5 if cut == 1 else 8)
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        a, b = torch.split(self.bn(self.conv(x)), [3, 5] if self.cut == 1 else [2, 4], dim=self.cut)
+        return self.head(F.relu(torch.cat([a, self.se(b)], dim=self.cut)))
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_a_gate_on_one_piece_of_a_split_folds_into_that_pieces_channels_of_the_producer(cut):
+    _, fused, report = _fused(GatedPiece(cut), torch.randn(2, 3, 6, 6))
+    (fold,) = report.folds
+    if cut == 1:
+        assert fold.where == "producer" and fold.into == ("bn",), str(report)
+        assert _muls(fused) == 0
+    else:  # rows: neither the producer (the other rows would be scaled) nor the head (idem) can take it
+        assert not fold.into and "other pieces are read too" in fold.reason, str(report)
+        assert "along axis 2, not along the gated axis 1" in fold.reason, str(report)
+
+
 class ChunkThenBN(nn.Module):
     """SiLU -> SE -> chunk: one half to a BatchNorm (eval: absorbs a scale in its mean and weight),
     the other half through a permute to a Linear."""

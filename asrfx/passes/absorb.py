@@ -186,7 +186,8 @@ class _Walk:
         src, mapped = _map_back(node, name, span, self.modules, self.readers)
         if src is None:
             return f"'{label_of(node)}' ({name}) {mapped}"
-        if not _sole_reader(src, node, self.readers):
+        # a piece of a split maps to the split's input, whose readers _back_from_piece checked
+        if src is node.args[0] and not _sole_reader(src, node, self.readers):
             return f"'{label_of(src)}' is also read by others than '{label_of(node)}' ({name})"
         return self.back(src, mapped, through, non_negative)
 
@@ -338,12 +339,14 @@ class _Walk:
             rank = len(node_shape(reader) or ())
             if sum(1 for t in tensors if t is src) != 1:
                 return f"'{label_of(reader)}' concatenates the gated tensor more than once"
+            if dim % rank != span.axis:  # the other inputs' rows or columns carry no gate
+                return f"'{label_of(reader)}' concatenates the gated tensor with others along axis {dim % rank}, " \
+                       f"not along the gated axis {span.axis}"
             offset = span.offset
-            if dim % rank == span.axis:
-                for t in tensors:
-                    if t is src:
-                        break
-                    offset += _width(t, span.axis) if isinstance(t, fx.Node) else 0
+            for t in tensors:
+                if t is src:
+                    break
+                offset += _width(t, span.axis) if isinstance(t, fx.Node) else 0
             return self.forward(reader, span.moved(offset=offset), through, non_negative)
         if rule.axes is Axes.FACTOR:  # (x * v) * y == (x * y) * v
             rank = len(node_shape(reader) or ())
@@ -572,6 +575,16 @@ def _back_from_piece(node: fx.Node, split: fx.Node, span: Span, modules, readers
     start = sum(s[dim] for s in shapes[:k])
     if not _sole_reader(y, split, readers):
         return None, f"is a piece of '{label_of(y)}', which others read too"
+    # folding into y scales the whole of y along the cut axis: along the gated axis only piece k's
+    # channels, along another axis every piece, so then no other piece may be read
+    others = [u for u in readers(split) if u is not node and (u.users or op_of(u, modules).name != "getitem")]
+    if any(op_of(u, modules).name != "getitem" or not isinstance(u.args[1], int) for u in others):
+        return None, f"is a piece of '{label_of(split)}', which is also read whole"
+    if dim != span.axis and others:
+        return None, f"is a piece of '{label_of(split)}' cut along another axis than the gated one, " \
+                     "and its other pieces are read too"
+    if any(u.args[1] % len(shapes) == k for u in others):
+        return None, f"is piece {k} of '{label_of(split)}', which is also read elsewhere"
     return y, span.moved(offset=span.offset + start) if dim == span.axis else span
 
 
@@ -682,6 +695,11 @@ def plan_producer(x: fx.Node, combine: fx.Node, axes: Axes_, op: str, sign: Sign
         who = f"'{label_of(others[0])}'" if others else "the combine twice"
         return Plan("producer", (), f"'{label_of(x)}' is also read unscaled by {who}")
     lo, hi = _lo_hi(axes)
+    x_shape, shape = node_shape(x), node_shape(combine)
+    if x_shape is not None and shape is not None and len(x_shape) == len(shape) and \
+            x_shape[lo:hi + 1] != shape[lo:hi + 1]:
+        return Plan("producer", (), f"'{label_of(x)}' is broadcast along the gated axis: one value of it "
+                                    "meets several gate entries")
     starts, through = [(x, Span(lo, 0, _width(x, lo), 0))], ()
     if hi > lo:
         starts, through = _merged(x, lo, hi, modules, walk.readers), (x,)
