@@ -556,7 +556,7 @@ def _map_back(node: fx.Node, name: str, span: Span, modules, readers) -> tuple[f
     if name in ("narrow", "slice"):
         cut = _cut_of(node, name, len(in_shape))
         if cut is None:
-            return None, "cuts with arguments computed at run time"
+            return None, "cuts with steps or arguments computed at run time"
         dim, start, _ = cut
         return src, span.moved(offset=span.offset + start) if dim == span.axis else span
     return None, "is not understood here"
@@ -635,7 +635,7 @@ def _map_forward(src: fx.Node, node: fx.Node, name: str, span: Span) -> Span | N
     if name in ("narrow", "slice"):
         cut = _cut_of(node, name, len(in_shape))
         if cut is None:
-            return "cuts with arguments computed at run time"
+            return "cuts with steps or arguments computed at run time"
         dim, start, stop = cut
         return span.cut(start, stop) if dim == span.axis else span
     return "is not understood here"
