@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # target: (files to mutate, test files that check them)
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fold": (("asrfx/algebra/fold.py",),
-             ("tests/test_fold_math.py", "tests/test_fold_properties.py", "tests/test_fold_rules.py")),
+             ("tests/algebra/test_fold_math.py", "tests/algebra/test_fold_properties.py", "tests/passes/test_fold_rules.py")),
     "rules": (("asrfx/algebra/rules.py", "asrfx/passes/absorb.py"),
-              ("tests/test_plan.py", "tests/test_fold_rules.py", "tests/test_fold_agreement.py", "tests/test_fold_properties.py",
-               "tests/test_fuse.py", "tests/test_fuse_properties.py", "tests/test_gate_in_layers.py",
-               "tests/test_contract.py", "tests/test_detect_records.py", "tests/test_third_party_patterns.py")),
+              ("tests/passes/test_plan.py", "tests/passes/test_fold_rules.py", "tests/passes/test_fold_agreement.py", "tests/algebra/test_fold_properties.py",
+               "tests/passes/test_fuse.py", "tests/passes/test_fuse_properties.py", "tests/passes/test_gate_in_layers.py",
+               "tests/passes/test_contract.py", "tests/passes/test_detect_records.py", "tests/passes/test_third_party_patterns.py")),
     "contract": (("asrfx/passes/contract.py",),
-                 ("tests/test_contract.py", "tests/test_fuse.py", "tests/test_no_silent_damage.py",
-                  "tests/test_convert.py", "tests/test_deploy.py")),
+                 ("tests/passes/test_contract.py", "tests/passes/test_fuse.py", "tests/passes/test_no_silent_damage.py",
+                  "tests/passes/test_convert.py", "tests/deploy/test_deploy.py")),
 }
 __doc__ += "".join(f"\n    {name:<9} {', '.join(files)}  <-  {', '.join(Path(t).name for t in tests)}"
                    for name, (files, tests) in TARGETS.items())

@@ -292,7 +292,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # seconds on 2 CPU cores: tiny subsets, one epoch; every arm end to end (tests/test_reproduce.py)
+    # seconds on 2 CPU cores: tiny subsets, one epoch; every arm end to end (tests/training/test_reproduce.py)
     "smoke": Profile(plan=(("resnet8", tuple(ARMS)), ("mobilenetv2-0.25", ("asr-se",))),
                      seeds=(0,), epochs=1, batch=16, lr=0.05, weight_decay=5e-4, schedule="cosine",
                      warmup_epochs=0, train_limit=320, held_out=64, test_limit=128, jobs=1, threads=1, timing_rounds=3,

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["randomize", "examples"]
+__all__ = ["randomize", "examples", "through_backend"]
 
 _SCALE = {"deep": 10}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 1)
 
@@ -32,3 +32,20 @@ def randomize(model: nn.Module, seed: int, *, scale: float = 0.4, mean_scale: fl
                                                  dtype=m.running_mean.dtype) * mean_scale)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
     return model
+
+
+def through_backend(model: nn.Module, *inputs, **options):
+    """``model(*inputs)`` compiled by the asrfx backend, no gradients, with an inner backend that
+    keeps every graph the backend hands it (and runs it as it is): (output, graphs)."""
+    import asrfx.dynamo  # noqa: F401  (registers the backend)
+
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="asrfx", options={"inner": inner, **options})(*inputs)
+    return out, graphs

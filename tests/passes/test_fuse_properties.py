@@ -13,7 +13,7 @@ import asrfx
 from asrfx.graph.edit import set_module
 
 import zoo
-from test_detect_properties import networks
+from strategies import networks
 from helpers import examples
 
 

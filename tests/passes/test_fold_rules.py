@@ -19,7 +19,7 @@ from helpers import randomize
 
 def _fused(model, x, psi=None, seed=0):
     """convert (psi random, or given), fuse in float64; returns (asr form, fused, report). The gates
-    stay multiplies in the ASR form (no training fast path, tests/test_gate_in_layers.py): what is
+    stay multiplies in the ASR form (no training fast path, tests/passes/test_gate_in_layers.py): what is
     tested here is where fuse's planner folds them."""
     model = randomize(model, seed).double().eval()
     x = x.double()

@@ -22,15 +22,15 @@ import pipeline_workers as workers  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 
 
 def torchrun(mode: str, out: Path) -> list[dict]:
-    """``torchrun --standalone --nproc-per-node 2 tests/pipeline_workers.py MODE OUT``; each rank's results."""
+    """``torchrun --standalone --nproc-per-node 2 tests/training/pipeline_workers.py MODE OUT``; each rank's results."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           str(ROOT / "tests" / "pipeline_workers.py"), mode, str(out)]
+           str(ROOT / "tests" / "training" / "pipeline_workers.py"), mode, str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]

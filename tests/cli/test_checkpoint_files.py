@@ -23,7 +23,7 @@ from asrfx.cli import EXIT_FAILURE, main
 
 from helpers import examples
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = "asrfx:resnet56"
 
 
@@ -174,7 +174,7 @@ def test_command_line_bounds(capsys, tmp_path):
 def _start(out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(out.parent / f"{out.name}.stderr", "a") as err:  # a file: a full pipe would block the run
-        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "pipeline_workers.py"), "train", str(out),
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "training" / "pipeline_workers.py"), "train", str(out),
                                  *args], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
 
 

@@ -16,7 +16,7 @@ from asrfx import AsrfxError
 from asrfx.graph.ops import op_of
 from asrfx.passes.contract import Role, check_fused, mark
 
-from helpers import randomize
+from helpers import randomize, through_backend
 
 
 class Gated(nn.Module):
@@ -77,15 +77,8 @@ def test_every_gate_spelling_folds_on_the_fx_route(spelling):
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_every_gate_spelling_folds_in_the_dynamo_backend(spelling):
     gm, x = _asr(spelling)
-    graphs = []
-
-    def inner(graph, inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
+    got, graphs = through_backend(gm, x)
     with torch.no_grad():
-        got = torch.compile(gm, backend="asrfx", options={"inner": inner})(x)
         want = gm(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert graphs and all(_muls(g.graph.nodes) == 0 for g in graphs)

@@ -31,7 +31,7 @@ from asrfx.cli import EXIT_FAILURE, EXIT_USAGE, main
 
 from helpers import randomize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPEC = "torchvision:mobilenet_v3_small"
 SHAPE = "1,3,64,64"
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import asrfx
 
-from test_detect_properties import networks
+from strategies import networks
 from helpers import examples
 
 

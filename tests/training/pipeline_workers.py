@@ -1,4 +1,4 @@
-"""Processes that the pipeline tests start (``python tests/pipeline_workers.py MODE OUT ...``).
+"""Processes that the pipeline tests start (``python tests/training/pipeline_workers.py MODE OUT ...``).
 
 * ``ddp`` / ``ddp_static`` / ``fsdp``: one rank of a distributed run (gloo, env:// rendezvous
   as torchrun sets it up): each rank builds the ASR form of a CIFAR ResNet
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the asrfx under test
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the asrfx under test
 torch.set_num_threads(1)
 
 import asrfx  # noqa: E402

@@ -26,10 +26,7 @@ from asrfx.graph.edit import set_module
 from asrfx.graph.export_route import export_capture
 from asrfx.passes.fuse import constant_gates
 
-try:
-    from tests.helpers import randomize
-except ImportError:  # tests/ is not a package when pytest puts it on sys.path
-    from helpers import randomize
+from helpers import randomize
 
 transformers = pytest.importorskip("transformers", minversion="5")
 smp = pytest.importorskip("segmentation_models_pytorch", minversion="0.4")

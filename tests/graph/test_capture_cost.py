@@ -15,10 +15,7 @@ import asrfx
 from asrfx.graph.capture import _fake_or_real_run, propagate_shapes, trace
 from asrfx.graph.shapes import meta_run
 
-try:
-    from tests import zoo
-except ImportError:
-    import zoo
+import zoo
 
 
 def _summary(meta):

@@ -25,7 +25,7 @@ from asrfx.nn.attention import ATTENTION
 from helpers import examples, randomize
 
 SETTINGS = settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _asr(kind: str, seed: int, size: int = 16, depth: int = 8) -> torch.fx.GraphModule:

@@ -29,7 +29,7 @@ from asrfx.passes.fuse import constant_gates
 
 import zoo
 from helpers import examples, randomize
-from test_detect_properties import networks
+from strategies import networks
 
 
 class SE(nn.Module):
@@ -465,7 +465,7 @@ def test_sizes_computed_in_other_places_still_follow_the_modes():
     """Found by the property test: export computes sizes ((h - 1) // 2 + 1 after a stride-2 conv,
     h * w for each of GC's two views) where each mode first needs them, and twice when asked twice;
     the train and eval graphs still merge, and the graph follows .eval()."""
-    from test_detect_properties import RandomNet, Stage
+    from strategies import RandomNet, Stage
 
     stages = [Stage(16, 16, 3, 2, False, "gn", "gelu", zoo.ChannelGate(16), False),
               Stage(16, 32, 3, 1, False, "none", "hardswish", None, False),

@@ -1,6 +1,6 @@
 """Gates applied inside layers while training (convert's fast path), and folded back by fuse.
 
-Producer side: ``BN(y) * v`` -> ``GatedBatchNorm(y, v)`` (also tests/test_convert.py), ``conv(y) * v``
+Producer side: ``BN(y) * v`` -> ``GatedBatchNorm(y, v)`` (also tests/passes/test_convert.py), ``conv(y) * v``
 -> ``GatedConv2d(y, v)`` scaling its output rows and bias. Consumer side, where x comes out of an
 activation that does not commute with a scale (SiLU, Hardswish): ``conv(x * v)`` ->
 ``GatedConv2d(x, v)``, which multiplies its weight's input channels by v instead of the feature map. Properties, in float64: the fast ASR form equals the plain one
@@ -27,12 +27,8 @@ from asrfx.nn.gated_layers import GatedConv1d, GatedConv2d, GatedConv3d, GatedLi
 from asrfx.nn.gated_norm import GatedBatchNorm
 from asrfx.passes.contract import Role, role_of, psi_dependent
 
-try:
-    from tests.helpers import randomize
-    from tests.test_fold_properties import Around, structures
-except ImportError:
-    from helpers import randomize
-    from test_fold_properties import Around, structures
+from helpers import randomize, through_backend
+from strategies import Around, structures
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -150,7 +146,7 @@ def _assert_same_function(fast, slow, x, training):
 @example(dict(before="sum", branches=("conv_bn", "bn"), act="silu", after="pool_linear", gate="sigmoid",
               c=3, pieces=2), 2, 3, 5, True)  # through global pooling into the classifier
 def test_fast_path_is_the_same_function(structure, seed, batch, size, training):
-    """Random structures around a gate (tests/test_fold_properties.py): the ASR form with gates
+    """Random structures around a gate (tests/algebra/test_fold_properties.py): the ASR form with gates
     applied inside layers equals the one with feature-map multiplies, in outputs, gradients and
     running statistics, train and eval mode; where a fast path applied, no feature-map multiply by
     a gate is left; fuse gives both the same plain model."""
@@ -350,15 +346,8 @@ def test_backend_and_export_fold_the_consumer_gate():
     x = torch.randn(2, 3, 6, 6)
     asr = asrfx.convert(model, x).eval()
     assert asrfx.report_of(asr).sites[0].gated_consumers == "project.0"
-    graphs = []
-
-    def capture(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    got, graphs = through_backend(asr, x)
     with torch.no_grad():
-        got = torch.compile(asr, backend="asrfx", options={"inner": capture})(x)
         want = asr(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     (graph,) = graphs

@@ -32,7 +32,7 @@ from asrfx.graph.ops import op_of
 
 import zoo
 from helpers import examples, randomize
-from test_detect_properties import networks
+from strategies import networks
 
 
 def assert_equal_outputs(got, want):
@@ -230,7 +230,7 @@ def test_the_backend_is_registered_by_name_and_entry_point():
 
     assert "asrfx" in list_backends()
     assert lookup_backend("asrfx") is backend.asrfx_backend
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '[project.entry-points.torch_dynamo_backends]\nasrfx = "asrfx.deploy.dynamo:asrfx_backend"' in pyproject
 
 

@@ -20,7 +20,7 @@ import torch
 
 from asrfx.data import fashion_mnist_available
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "reproduce.py"
 
 needs_data = pytest.mark.skipif(not fashion_mnist_available(), reason="needs apt-get install dataset-fashion-mnist")

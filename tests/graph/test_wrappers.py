@@ -1,6 +1,6 @@
 """Wrapped models: DataParallel, DistributedDataParallel and torch.compile's OptimizedModule (nested
 too) are unwrapped by every verb, which says so (a warning, and a note in convert's report: the
-result is not wrapped); FSDP-sharded models are refused (tests/test_distributed.py)."""
+result is not wrapped); FSDP-sharded models are refused (tests/training/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_every_verb_unwraps_and_says_how(names, seed):
 
 
 def test_distributed_data_parallel_is_unwrapped():
-    """DDP (a one-process gloo group here; tests/test_distributed.py trains it with two)."""
+    """DDP (a one-process gloo group here; tests/training/test_distributed.py trains it with two)."""
     model = Net()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
