@@ -6,11 +6,14 @@ Times each phase of find_attention, interleaved and repeated, and prints medians
 plus the ratio to one eager forward pass of the same model at batch 1, 224x224
 (a yardstick that moves with the machine). Goals: the detection pass well under a second
 (issue #2); find_attention within 2x and convert within 3x one forward (issue #13).
+*copy* is ``copy.deepcopy(model)``, the part of convert that leaves the caller's model alone
+(every parameter cloned).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -42,7 +45,7 @@ def main() -> None:
     blocks = sum(1 for name, _ in model.named_modules() if name.count(".") == 1 and name.startswith("layer"))
     asrfx.find_attention(model, x)  # warm up imports and caches
 
-    phases = {"trace": [], "shapes": [], "detect": [], "find_attention": [], "convert": [], "forward": []}
+    phases = {"trace": [], "shapes": [], "detect": [], "find_attention": [], "copy": [], "convert": [], "forward": []}
     n_sites = n_nodes = 0
     for _ in range(args.repeats):  # interleaved: each round measures every phase once
         t, traced = _timed(lambda: trace(model))
@@ -54,6 +57,8 @@ def main() -> None:
         phases["detect"].append(t)
         t, table = _timed(lambda: asrfx.find_attention(model, x))
         phases["find_attention"].append(t)
+        t, _ = _timed(lambda: copy.deepcopy(model))
+        phases["copy"].append(t)
         t, _ = _timed(lambda: asrfx.convert(model, x))
         phases["convert"].append(t)
         with torch.no_grad():
