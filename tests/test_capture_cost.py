@@ -128,6 +128,7 @@ def test_converted_graph_carries_fresh_shapes(case, batch, keep):
     assert carried_shapes(gm) == fresh_shapes(gm, (x,))
 
 
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 def test_repropagation_reaches_every_reader_and_falls_back():
     """A changed node's new shape reaches the nodes reading it (and theirs); a rewrite that cannot
     run on meta tensors is propagated over the whole graph."""
