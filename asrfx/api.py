@@ -12,7 +12,8 @@ import torch
 from torch import fx, nn
 
 from .errors import AsrfxError, AsrfxWarning
-from .graph.capture import as_input_tuple, as_kwargs, propagate_shapes, trace
+from .graph.capture import as_input_tuple, as_kwargs, propagate_shapes, repropagate_shapes, trace
+from .graph.shapes import node_records
 from .graph.layout import infer_layouts
 from .graph.state import ModuleState
 from .graph.wrappers import unwrap
@@ -141,9 +142,10 @@ def convert(
     found = detect(gm, layouts)
     psi = (calibrated_psi(gm, found.sites, batches, also=(work,), kwargs=kwargs)  # measured before the rewrite
            if calibrate and found.sites else psi_init)
-    _, report = convert_sites(gm, found.sites, layouts, found.flows, keep=keep, psi_init=psi)
-    propagate_shapes(gm, inputs, kwargs)
-    if gate_in_norm or gate_in_consumers:  # training fast path: gates applied inside layers
+    before, in_layers = node_records(gm), gate_in_norm or gate_in_consumers
+    _, report = convert_sites(gm, found.sites, layouts, found.flows, keep=keep, psi_init=psi, recompile=not in_layers)
+    repropagate_shapes(gm, before, inputs, kwargs)  # the graph outside the sites keeps its shapes
+    if in_layers:  # training fast path: gates applied inside layers
         move_gates_into_layers(gm, report, producers=gate_in_norm, consumers=gate_in_consumers)
     module_state.apply(gm)  # the caller's frozen norms, dropout flags and requires_grad, by name
     # what the user must hear

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 from torch import nn
 
-__all__ = ["randomize", "examples", "through_backend"]
+__all__ = ["randomize", "examples", "through_backend", "fresh_shapes", "carried_shapes"]
 
 _SCALE = {"deep": 10}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 1)
 
@@ -49,3 +50,20 @@ def through_backend(model: nn.Module, *inputs, **options):
     with torch.no_grad():
         out = torch.compile(model, backend="asrfx", options={"inner": inner, **options})(*inputs)
     return out, graphs
+
+
+def fresh_shapes(gm, inputs) -> list:
+    """(tensor_meta, device) per node of a copy of ``gm`` stripped of both and propagated anew."""
+    fresh = copy.deepcopy(gm)
+    for n in fresh.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+        n.meta.pop("device", None)
+    from asrfx.graph.capture import propagate_shapes
+
+    propagate_shapes(fresh, inputs)
+    return [(n.meta.get("tensor_meta"), n.meta.get("device")) for n in fresh.graph.nodes]
+
+
+def carried_shapes(gm) -> list:
+    """(tensor_meta, device) per node, as the graph carries them."""
+    return [(n.meta.get("tensor_meta"), n.meta.get("device")) for n in gm.graph.nodes]

@@ -39,11 +39,11 @@ from torch.fx.graph import _PyTreeCodeGen
 
 from ..errors import TracingError
 from .edit import rewire_inplace
-from .shapes import meta_run, tensor_metadata
-from .modes import training_graph_or_divergence, uniform_mode
+from .shapes import meta_rerun, meta_run, tensor_metadata
+from .modes import dedupe_sizes, flag_reads, training_graph_or_divergence, uniform_mode
 
-__all__ = ["CaptureRoute", "LeafRecord", "Traced", "trace", "propagate_shapes", "as_input_tuple", "as_kwargs",
-           "check_call", "placeholder_values", "GraphRunner", "first_line", "user_frame"]
+__all__ = ["CaptureRoute", "LeafRecord", "Traced", "trace", "propagate_shapes", "repropagate_shapes", "as_input_tuple",
+           "as_kwargs", "check_call", "placeholder_values", "GraphRunner", "first_line", "user_frame"]
 
 _MAX_LEAVES = 512
 
@@ -251,7 +251,11 @@ def trace(
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
     leaves: list[LeafRecord] = []
     while True:
-        graph, tracer = _trace_with_leaves(model, fixed, leaf_paths, leaf_types, leaves)
+        graph, tracer, read_flags = _trace_with_leaves(model, fixed, leaf_paths, leaf_types, leaves)
+        if not read_flags:  # no module's training flag was read: the other mode traces the same graph
+            dedupe_sizes(graph)  # as merging the two would
+            mode_note = ""
+            break
         other = None
         with uniform_mode(model, not model.training), contextlib.suppress(Exception):
             other = _LeafTracer(set(leaf_paths), leaf_types).trace(model, concrete_args=fixed)
@@ -272,14 +276,17 @@ def trace(
 
 
 def _trace_with_leaves(model: nn.Module, fixed, leaf_paths: set[str], leaf_types: tuple[type, ...],
-                       leaves: list[LeafRecord]) -> tuple[fx.Graph, _LeafTracer]:
+                       leaves: list[LeafRecord]) -> tuple[fx.Graph, _LeafTracer, bool]:
     """Trace in the model's mode; each submodule torch.fx fails inside becomes a leaf (added to
-    ``leaf_paths`` and ``leaves``) and tracing retries."""
+    ``leaf_paths`` and ``leaves``) and tracing retries. Also says whether the trace read a module's
+    training flag (:func:`flag_reads`)."""
     with uniform_mode(model, model.training):
         while True:
             tracer = _LeafTracer(set(leaf_paths), leaf_types)
             try:
-                return tracer.trace(model, concrete_args=fixed), tracer
+                with flag_reads(model) as read:
+                    graph = tracer.trace(model, concrete_args=fixed)
+                return graph, tracer, read()
             except Exception as exc:  # fx raises many types; we name the place and move on
                 # the stack's values hold the module path; its keys add '@1', '@2' for repeated calls
                 failing = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else ""
@@ -408,6 +415,23 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any, example_kwargs: Ma
             node.meta["tensor_meta"] = meta
         if device is not None:
             node.meta["device"] = device
+
+
+def repropagate_shapes(gm: fx.GraphModule, before: dict[fx.Node, tuple], example_inputs: Any,
+                       example_kwargs: Mapping[str, Any] | None = None) -> None:
+    """:func:`propagate_shapes` after a rewrite of a graph that carried shapes: only the nodes made or
+    changed since ``before`` (:func:`asrfx.graph.shapes.node_records`) and those their shapes reach
+    run; the whole graph when that part cannot run on meta tensors."""
+    found = meta_rerun(gm, before, placeholder_values(gm, as_input_tuple(example_inputs), as_kwargs(example_kwargs)))
+    if found is None:
+        propagate_shapes(gm, example_inputs, example_kwargs)
+        return
+    for node, (meta, device) in found.items():
+        for key, value in (("tensor_meta", meta), ("device", device)):
+            if value is None:
+                node.meta.pop(key, None)
+            else:
+                node.meta[key] = value
 
 
 def _fake_or_real_run(gm: fx.GraphModule, values: list) -> tuple[list[Any], list[Any]]:

@@ -115,12 +115,14 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: _is_impure(n, modules))
 
 
-def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    """Every mutation ends here: dead code out, lint, drop dead submodules, recompile."""
+def finish(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphModule:
+    """Every mutation ends here: dead code out, lint, drop dead submodules, recompile (``recompile=False``
+    when another pass rewrites the graph next and recompiles it: Python code for every node, compiled)."""
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return gm
 
 

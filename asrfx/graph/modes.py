@@ -5,14 +5,19 @@ torch.fx and torch.export read ``self.training`` once, while capturing: a call s
 self.training)`` or export's ``aten.dropout(x, p, True)`` keeps the mode it was captured in, and
 export's graph counts BatchNorm batches (``num_batches_tracked.add_(1)``) in train mode only. Both
 capture routes therefore capture the model twice, every module in train mode and every module in
-eval mode (:func:`uniform_mode`), and merge the two graphs (:func:`training_graph`).
+eval mode (:func:`uniform_mode`), and merge the two graphs (:func:`training_graph`). The fx route
+captures once when no module's flag is read while tracing (:func:`flag_reads`): the other mode
+would run the same code on the same values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import operator
+import threading
+from collections.abc import Callable, Iterator
 
 from torch import fx, nn
 from torch.fx.node import map_aggregate
@@ -20,7 +25,8 @@ from torch.fx.node import map_aggregate
 
 from .ops import is_shape_query, module_path_of, op_of
 
-__all__ = ["uniform_mode", "training_graph", "training_graph_or_divergence", "merge_training_graphs", "is_counter"]
+__all__ = ["uniform_mode", "flag_reads", "training_graph", "training_graph_or_divergence", "merge_training_graphs",
+           "is_counter", "dedupe_sizes"]
 
 
 @contextlib.contextmanager
@@ -35,6 +41,66 @@ def uniform_mode(model: nn.Module, training: bool):
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+class _Flag:
+    """``training`` of every module while installed on nn.Module: a data descriptor, so it sees each
+    read before the instance's ``__dict__`` does; values stay in that ``__dict__`` (reads and writes
+    behave as without it). torch.fx patches nn.Module the same way while tracing (``__call__``,
+    ``__getattr__``)."""
+
+    def __init__(self):
+        self.watches: tuple[_Watch, ...] = ()
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            raise AttributeError("training")
+        for watch in self.watches:
+            watch.read = True
+        try:
+            return module.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+
+    def __set__(self, module, value):
+        module.__dict__["training"] = value
+
+    def __delete__(self, module):
+        del module.__dict__["training"]
+
+
+class _Watch:
+    def __init__(self, read: bool):
+        self.read = read
+
+
+_READS = _Flag()
+_flag_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def flag_reads(model: nn.Module) -> Iterator[Callable[[], bool]]:
+    """In the block, every read of a module's ``training`` attribute is seen; yields a function telling
+    whether one happened (any module's, in any thread: a read elsewhere costs a second trace, nothing
+    more). Always True when a module class of ``model`` defines ``training`` itself (the descriptor
+    would not see its reads)."""
+    watch = _Watch(any(_defines_training(cls) for cls in {type(m) for m in model.modules()}))
+    with _flag_lock:
+        if not _READS.watches:
+            nn.Module.training = _READS
+        _READS.watches += (watch,)
+    try:
+        yield lambda: watch.read
+    finally:
+        with _flag_lock:
+            _READS.watches = tuple(w for w in _READS.watches if w is not watch)
+            if not _READS.watches:
+                del nn.Module.training
+
+
+def _defines_training(cls: type) -> bool:
+    """A class before nn.Module in ``cls``'s MRO (a subclass, a mixin) with its own ``training``."""
+    return any("training" in vars(c) for c in itertools.takewhile(lambda c: c is not nn.Module, cls.__mro__))
 
 
 def training_graph(graphs: dict[bool, fx.Graph | None], training: bool, name: str) -> tuple[fx.Graph, str]:
@@ -170,6 +236,12 @@ def _computes(node: fx.Node, index: dict[fx.Node, fx.Node]) -> tuple:
             return tuple((k, key(i)) for k, i in v.items())
         return v
     return node.target, key(node.args), key(dict(node.kwargs))
+
+
+def dedupe_sizes(graph: fx.Graph) -> None:
+    """What :func:`merge_training_graphs` does to a graph besides the flags: each size query (and
+    arithmetic on sizes) computed once."""
+    _size_nodes(graph)
 
 
 def _size_nodes(graph: fx.Graph) -> list[fx.Node]:

@@ -244,8 +244,11 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node], modules) -> list[str
 def _drop_counters(gm: fx.GraphModule, paths: set[str | None], modules) -> None:
     """The batch counts of modules whose every batch_norm call now uses running statistics
     (keep mode's copies leave the original call counting)."""
+    paths = paths - {None, ""}
+    if not paths:  # the usual case: no functional batch_norm frozen (a scan of the graph per site)
+        return
     norms = [n for n in gm.graph.nodes if n.op == "call_function" and op_of(n, modules).name == "batch_norm"]
-    for path in paths - {None, ""}:
+    for path in paths:
         if all(call_argument(n, "training") is False for n in norms if module_path_of(n) == path):
             for counter in [n for n in gm.graph.nodes if is_counter(n) and module_path_of(n) == path]:
                 gm.graph.erase_node(counter)
@@ -416,8 +419,10 @@ def convert_sites(
     *,
     keep: bool,
     psi_init: PsiInit | CalibratedPsi,
+    recompile: bool = True,
 ) -> tuple[fx.GraphModule, ConvertReport]:
-    """Rewrite ``sites`` of ``gm`` in place; returns ``gm`` and a report."""
+    """Rewrite ``sites`` of ``gm`` in place; returns ``gm`` and a report. ``recompile=False`` leaves
+    ``gm``'s code to the pass that rewrites the graph next (:func:`asrfx.graph.edit.finish`)."""
     report = ConvertReport()
     constants = shape_constants(gm, layouts)
     modules = dict(gm.named_modules())
@@ -430,4 +435,4 @@ def convert_sites(
             modules = dict(gm.named_modules())
         rewrite = _keep if keep else _replace
         report.sites.append(rewrite(gm, site, psi_init, constants, modules, flows, report.applications))
-    return finish(gm), report
+    return finish(gm, recompile), report

@@ -12,6 +12,7 @@ every result is called as the model and returns the same structure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -662,6 +663,100 @@ def test_a_module_that_branches_on_its_mode_is_kept_whole_and_follows_eval(train
     a = gm(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, gm(x))  # paths are dropped while training
+
+
+class _ReadsNoFlag(nn.Module):
+    """Dropout and BatchNorm as modules (kept as calls, each following its own mode): tracing reads no
+    training flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.se = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), zoo.SELayer(8)
+        self.drop, self.head = nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.se(torch.relu(self.bn(self.conv(x))))
+        return self.head(self.drop(x.mean((2, 3))))
+
+
+def _always_read(model):
+    return contextlib.nullcontext(lambda: True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_one_trace_when_no_module_reads_its_mode(training, monkeypatch):
+    """Nothing read ``self.training`` while tracing: the graph is traced once, and is the graph that
+    tracing in both modes and merging gives."""
+    from asrfx.graph import capture
+
+    model = _ReadsNoFlag().train(training)
+    calls = []
+    trace_once = capture._LeafTracer.trace
+    monkeypatch.setattr(capture._LeafTracer, "trace", lambda self, *a, **k: calls.append(1) or trace_once(self, *a, **k))
+    once = capture.trace(model).gm
+    assert len(calls) == 1 and "training" not in vars(nn.Module)
+    monkeypatch.setattr(capture, "flag_reads", _always_read)
+    assert capture.trace(model).gm.code == once.code and len(calls) == 3
+
+
+class _IsTrue(nn.Module):
+    def forward(self, x):
+        return x + 1 if self.training is True else x - 1  # no bool() of the flag: only its read tells
+
+
+class _ReadsChildFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.dropout(x, 0.5, getattr(self.bn, "training"))
+
+
+class _FlagMixin:
+    training = True  # a class attribute before nn.Module: reads never reach nn.Module
+
+
+class _MixedIn(_FlagMixin, nn.Module):
+    def forward(self, x):
+        return x + 1 if self.training else x - 1
+
+
+@pytest.mark.parametrize("model", [_IsTrue(), _ReadsChildFlag(), _MixedIn()], ids=["is_true", "child_flag", "mixin"])
+@pytest.mark.parametrize("training", [True, False])
+def test_any_read_of_a_mode_flag_traces_both_modes(model, training):
+    """However the flag is read (``is True``, another module's, through getattr, a class that shadows
+    it), both modes are traced: the graph follows the model's mode, or the flag itself."""
+    from asrfx.graph.capture import trace
+    from asrfx.graph.modes import flag_reads
+
+    model.train(training)
+    with flag_reads(model) as read:
+        model(torch.zeros(2, 4))
+    assert read() and "training" not in vars(nn.Module)
+    traced = trace(model)
+    x = torch.ones(64, 4)
+    for mode in ([training] if traced.mode_note else [True, False]):
+        traced.gm.train(mode)
+        model.train(mode)
+        if isinstance(model, _ReadsChildFlag):  # dropout, on in train mode only
+            assert (traced.gm(x) == 0).any() if mode else torch.equal(traced.gm(x), x)
+        else:
+            assert torch.equal(traced.gm(x), model(x))
+    assert bool(traced.mode_note) == (not isinstance(model, _ReadsChildFlag))  # the child flag merges
+
+
+def test_the_flag_watch_ends_when_tracing_fails():
+    class Fails(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a tensor value
+                return x
+            return -x
+
+    with pytest.raises(TracingError):
+        asrfx.graph.capture.trace(Fails())
+    assert "training" not in vars(nn.Module)
+    assert nn.Linear(2, 2).training is True
 
 
 class _TryKeywords(nn.Module):

@@ -3,6 +3,9 @@
 * Shapes come from a run on meta tensors (:mod:`asrfx.graph.shapes`): the same shapes, dtypes
   and devices as the fake-tensor run it replaces, on every model of the zoo; models that cannot
   run on meta fall back to fake tensors; the caller's model is not touched.
+* After convert rewrites the sites, only the nodes it made or changed (and those their shapes
+  reach) are propagated again (:func:`repropagate_shapes`): the metadata equals a fresh
+  propagation over the whole converted graph.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import torch
 from torch import nn
 
 import asrfx
-from asrfx.graph.capture import _fake_or_real_run, propagate_shapes, trace
-from asrfx.graph.shapes import meta_run
+
+from asrfx.graph.capture import _fake_or_real_run, propagate_shapes, repropagate_shapes, trace
+from asrfx.graph.shapes import meta_run, node_records
 
 import zoo
+from helpers import carried_shapes, fresh_shapes
 
 
 def _summary(meta):
@@ -92,3 +97,43 @@ def test_wrong_example_inputs_still_fail_clearly():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(asrfx.TracingError, match="example_inputs"):
         propagate_shapes(trace(model).gm, (torch.randn(1, 5, 8, 8),))
+
+
+@pytest.mark.filterwarnings("ignore::asrfx.AsrfxWarning")
+@pytest.mark.parametrize("keep", [False, True], ids=["replace", "keep"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", zoo.ALL_CASES, ids=lambda c: c.name)
+def test_converted_graph_carries_fresh_shapes(case, batch, keep):
+    """Every node's metadata (strides and requires_grad included) as a propagation over the whole
+    converted graph gives it; the gates stay where convert put them (the layers' gates add nodes)."""
+    x = torch.randn((batch,) + tuple(case.input_shape[1:]))
+    gm = asrfx.convert(case.build().eval(), x, keep=keep, gate_in_norm=False, gate_in_consumers=False)
+    assert carried_shapes(gm) == fresh_shapes(gm, (x,))
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_repropagation_reaches_every_reader_and_falls_back():
+    """A changed node's new shape reaches the nodes reading it (and theirs); a rewrite that cannot
+    run on meta tensors is propagated over the whole graph."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.ReLU(), nn.Dropout())
+    gm = trace(model).gm
+    x = torch.randn(2, 3, 5, 5)
+    propagate_shapes(gm, (x,))
+    before = node_records(gm)
+    relu = gm.graph.find_nodes(op="call_module", target="1")[0]
+    with gm.graph.inserting_after(relu):
+        pooled = gm.graph.call_function(torch.nn.functional.avg_pool2d, (relu, 5))
+    relu.replace_all_uses_with(pooled, delete_user_cb=lambda user: user is not pooled)
+    gm.recompile()
+    repropagate_shapes(gm, before, (x,))
+    assert carried_shapes(gm) == fresh_shapes(gm, (x,))
+    assert gm.graph.output_node().args[0].meta["tensor_meta"].shape == (2, 4)  # two unchanged nodes later
+
+    before = node_records(gm)
+    with gm.graph.inserting_after(pooled):
+        scaled = gm.graph.call_function(scale_by_max, (pooled,))
+    pooled.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    gm.recompile()
+    repropagate_shapes(gm, before, (x,))  # a value read: meta tensors have none
+    assert scaled.meta["tensor_meta"].shape == (2, 4, 1, 1)
+    assert carried_shapes(gm) == fresh_shapes(gm, (x,))

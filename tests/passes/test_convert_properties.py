@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import asrfx
 
 from strategies import networks
-from helpers import examples
+from helpers import carried_shapes, examples, fresh_shapes
 
 
 def _placeholder_ancestor(node) -> bool:
@@ -56,3 +56,18 @@ def test_convert_random_networks(net_expected, keep, batch, size, run_batch, run
     with torch.no_grad():
         out = gm(torch.randn(run_batch, 3, run_size, run_size))
     assert out.shape == (run_batch, 5)
+
+
+@settings(max_examples=examples(25))
+@given(networks(with_attention=True), st.booleans(), st.integers(1, 3), st.integers(1, 9), st.booleans())
+def test_converted_shapes_equal_a_fresh_propagation(net_expected, keep, batch, size, in_layers):
+    """convert propagates shapes again over the rewritten nodes only: every node carrying metadata
+    carries what a propagation over the whole converted graph gives; without the gates moved into
+    layers (which add a few nodes of their own), every node carries it."""
+    net, _ = net_expected
+    x = torch.randn(batch, 3, size, size)
+    gm = asrfx.convert(net, x, keep=keep, gate_in_norm=in_layers, gate_in_consumers=in_layers)
+    carried, fresh = carried_shapes(gm), fresh_shapes(gm, (x,))
+    if in_layers:
+        carried, fresh = zip(*[(c, f) for c, f in zip(carried, fresh) if c[0] is not None])
+    assert carried == fresh
