@@ -80,7 +80,8 @@ COMMUTE: dict[str, Commute] = {
     "adaptive_max_pool": Commute(Needs.NON_NEGATIVE, Needs.ANY, Axes.SAME),
     # resampling: each output is a convex combination (weights summing to 1) of inputs of the same channel
     "interpolate": Commute(Needs.ANY, Needs.ANY, Axes.SAME),
-    # padding: zeros stay zeros under a scale; a shift survives only padding that copies values (_pad_shift)
+    # padding: zeros stay zeros under a scale (other constants do not, _pad_scale); a shift survives
+    # only padding that copies values (_pad_shift)
     "pad": Commute(Needs.ANY, Needs.ANY, Axes.SAME),
     # re-arrangements
     **{name: _REARRANGE for name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -109,6 +110,8 @@ def _avg_pool_shift(args: Mapping[str, Any]) -> str | None:
         return "averages padded zeros"
     if args.get("ceil_mode", False):
         return "uses ceil_mode (windows running past the border)"
+    if args.get("divisor_override"):
+        return "divides by a fixed divisor, not by the window's size"
     return None
 
 
@@ -118,7 +121,16 @@ def _pad_shift(args: Mapping[str, Any]) -> str | None:
     return "pads with constants that are not shifted" if mode == "constant" else None
 
 
+def _pad_scale(args: Mapping[str, Any]) -> str | None:
+    """Padding with zeros (or copies of values) keeps a scale; a nonzero constant is not scaled with them."""
+    value = args.get("value")
+    if args.get("mode", "constant") == "constant" and value not in (None, 0, 0.0):
+        return f"pads with the constant {value!r}, which a per-channel scale would not scale"
+    return None
+
+
 # Conditions on an op's arguments, for the entries above whose identity depends on them.
+_SCALE_CONDITIONS = {"pad": _pad_scale}
 _SHIFT_CONDITIONS = {"avg_pool": _avg_pool_shift, "pad": _pad_shift}
 
 
@@ -127,16 +139,18 @@ def commute_rule(name: str) -> Commute | None:
     return COMMUTE.get(name)
 
 
-def scale_passes(name: str, non_negative: bool | None) -> str | None:
-    """None when ``op(x * v) == op(x) * v``; else the reason. ``non_negative``: what is known of v
-    (None: unknown, which passes only ops that commute with any scale)."""
+def scale_passes(name: str, non_negative: bool | None, args: Mapping[str, Any] | None = None) -> str | None:
+    """None when ``op(x * v) == op(x) * v`` for this op with these arguments; else the reason.
+    ``non_negative``: what is known of v (None: unknown, which passes only ops that commute with any scale)."""
     rule = COMMUTE.get(name)
     if rule is None or rule.scale is Needs.NEVER:
         return f"{name} does not commute with a per-channel scale"
     if rule.scale is Needs.NON_NEGATIVE and not non_negative:
         return (f"{name} commutes with a non-negative scale only, and the gate "
                 + ("has negative entries" if non_negative is False else "may be negative"))
-    return None
+    condition = _SCALE_CONDITIONS.get(name)
+    why = condition(args or {}) if condition is not None else None
+    return f"{name} {why}" if why else None
 
 
 def shift_passes(name: str, args: Mapping[str, Any] | None = None) -> str | None:

@@ -124,17 +124,32 @@ def _reads_once(value: fx.Node, node: fx.Node) -> bool:
     return len(seen) == 1
 
 
+# how padding layers and aten padding ops fill the border ("constant" pads with their ``value``)
+_PAD_MODES = (("reflection", "reflect"), ("replication", "replicate"), ("circular", "circular"),
+              ("zero", "constant"), ("constant", "constant"))
+
+
 def _op_args(node: fx.Node, modules) -> dict[str, Any]:
-    """The arguments the rule table's conditions read (padding, mode, ceil_mode, count_include_pad)."""
+    """The arguments the rule table's conditions read: avg_pool's padding, ceil_mode,
+    count_include_pad and divisor_override; pad's mode and value."""
     op = op_of(node, modules)
-    if op.module is not None:
-        return {k: getattr(op.module, k) for k in ("padding", "mode", "ceil_mode", "count_include_pad")
-                if hasattr(op.module, k)}
     if op.name == "avg_pool":
+        if op.module is not None:
+            return {k: getattr(op.module, k) for k in ("padding", "ceil_mode", "count_include_pad", "divisor_override")
+                    if hasattr(op.module, k)}
         return {"padding": argument(node, 3, "padding", 0), "ceil_mode": argument(node, 4, "ceil_mode", False),
-                "count_include_pad": argument(node, 5, "count_include_pad", True)}
+                "count_include_pad": argument(node, 5, "count_include_pad", True),
+                "divisor_override": argument(node, 6, "divisor_override")}
     if op.name == "pad":
-        return {"mode": argument(node, 2, "mode", "constant")}
+        what = (type(op.module).__name__ if op.module is not None else str(node.target)).lower()
+        mode = next((m for key, m in _PAD_MODES if key in what), None)
+        if op.module is not None:  # ZeroPad2d, ConstantPad2d(value), ReflectionPad2d ...
+            return {"mode": mode or "constant", "value": getattr(op.module, "value", 0)}
+        if mode is not None and "constant_pad_nd" in what:  # aten.constant_pad_nd(x, pad, value=0)
+            return {"mode": "constant", "value": argument(node, 2, "value", 0)}
+        if mode is not None:  # aten.reflection_pad2d(x, pad) ...
+            return {"mode": mode}
+        return {"mode": argument(node, 2, "mode", "constant"), "value": argument(node, 3, "value")}
     return {}
 
 
@@ -158,7 +173,7 @@ class _Walk:
         known = self.sign(span.start, span.stop) if needs else True
         if known is None and self.optimistic:
             known = True
-        return scale_passes(name, known), needs
+        return scale_passes(name, known, _op_args(node, self.modules)), needs
 
     # -- producer side -----------------------------------------------------------------------------
     def back(self, node: fx.Node, span: Span, through: tuple, non_negative: bool) -> list[Target] | str:

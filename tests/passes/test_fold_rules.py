@@ -157,6 +157,29 @@ def test_a_gate_on_one_piece_of_a_split_folds_into_that_pieces_channels_of_the_p
         assert "along axis 2, not along the gated axis 1" in fold.reason, str(report)
 
 
+class PaddedGate(nn.Module):
+    """conv-BN padded with a constant, SE, then a conv reading it padded with the same constant."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.conv, self.bn, self.value = nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), value
+        self.se, self.head = SE(6), nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        y = self.se(F.pad(self.bn(self.conv(x)), (1, 1, 1, 1), value=self.value))
+        return self.head(F.pad(y, (1, 1, 1, 1), value=self.value))
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_a_gate_folds_through_zero_padding_and_not_through_another_constant(value):
+    _, fused, report = _fused(PaddedGate(value), torch.randn(2, 3, 7, 7))
+    (fold,) = report.folds
+    if value == 0.0:
+        assert fold.where == "producer" and fold.into == ("bn",) and _muls(fused) == 0, str(report)
+    else:  # the padded ones would be scaled too, on either side: the gate stays
+        assert not fold.into and fold.reason.count("pads with the constant 1.0") == 2, str(report)
+
+
 class ChunkThenBN(nn.Module):
     """SiLU -> SE -> chunk: one half to a BatchNorm (eval: absorbs a scale in its mean and weight),
     the other half through a permute to a Linear."""

@@ -951,6 +951,11 @@ def test_scale_rules():
     assert scale_passes("max_pool", None) is not None and scale_passes("adaptive_max_pool", True) is None
     for name in ("mul", "sum", "mean", "cat", "add", "sub", "view", "getitem", "avg_pool", "interpolate", "pad"):
         assert scale_passes(name, None) is None, name
+    assert scale_passes("pad", True) is None and scale_passes("pad", None, {"value": 0}) is None
+    assert scale_passes("pad", None, {"value": 2.0}) == "pad pads with the constant 2.0, which a per-channel scale would not scale"
+    assert scale_passes("pad", None, {"mode": "constant", "value": -1}) is not None
+    assert scale_passes("pad", None, {"mode": "reflect", "value": 2.0}) is None
+    assert scale_passes("relu", True, {"value": 2.0}) is None  # conditions belong to their op only
     for name in ("sigmoid", "hardswish", "softmax", "exp", "nonsense"):
         assert scale_passes(name, True) == f"{name} does not commute with a per-channel scale", name
 
@@ -968,6 +973,9 @@ def test_shift_rules():
     assert shift_passes("avg_pool", {"ceil_mode": True}) == "avg_pool uses ceil_mode (windows running past the border)"
     assert shift_passes("avg_pool", {"padding": 1, "count_include_pad": False, "ceil_mode": True}) == \
         "avg_pool uses ceil_mode (windows running past the border)"
+    assert shift_passes("avg_pool", {"divisor_override": 4}) == \
+        "avg_pool divides by a fixed divisor, not by the window's size"
+    assert shift_passes("avg_pool", {"divisor_override": None}) is None
     assert shift_passes("pad") == "pad pads with constants that are not shifted"
     assert shift_passes("pad", {"mode": "constant"}) == "pad pads with constants that are not shifted"
     for mode in ("reflect", "replicate", "circular"):
@@ -1237,3 +1245,75 @@ def test_gates_over_two_axes_by_keyword_default_and_deeper_axes():
 
     plan, _ = producer(Shared(), IMG, axes=(1, 2))
     assert refused(plan) == "a branch stacked by 'stack' is also read elsewhere"
+
+
+# -- padding and pooling: what the rule table's conditions read, from modules, functions and aten ops
+
+
+def test_a_scale_passes_padding_with_zeros_or_copies_but_not_another_constant():
+    def scale_through(body, **layers):
+        plan, _ = producer(Gated(body, conv=conv(), **layers), IMG)
+        return plan.reason or [t[0] for t in targets(plan)]
+
+    assert scale_through(lambda s, x: F.pad(s.conv(x), (1, 1, 1, 1))) == ["conv"]
+    assert scale_through(lambda s, x: F.pad(s.conv(x), (1, 1, 1, 1), value=0.0)) == ["conv"]
+    assert scale_through(lambda s, x: F.pad(s.conv(x), (1, 1, 1, 1), value=1.5)) == \
+        "'pad': pad pads with the constant 1.5, which a per-channel scale would not scale"
+    assert scale_through(lambda s, x: s.pad(s.conv(x)), pad=nn.ConstantPad2d(1, 3.5)) == \
+        "'pad': pad pads with the constant 3.5, which a per-channel scale would not scale"
+    assert scale_through(lambda s, x: s.pad(s.conv(x)), pad=nn.ZeroPad2d(1)) == ["conv"]
+    assert scale_through(lambda s, x: s.pad(s.conv(x)), pad=nn.ReflectionPad2d(1)) == ["conv"]
+    assert scale_through(lambda s, x: torch.ops.aten.constant_pad_nd.default(s.conv(x), [1, 1, 1, 1], 2.0)) == \
+        "'constant_pad_nd_default': pad pads with the constant 2.0, which a per-channel scale would not scale"
+    assert scale_through(lambda s, x: torch.ops.aten.constant_pad_nd.default(s.conv(x), [1, 1, 1, 1])) == ["conv"]
+    assert scale_through(lambda s, x: torch.ops.aten.pad.default(s.conv(x), [1, 1, 1, 1], "constant", 2.0)) == \
+        "'pad_default': pad pads with the constant 2.0, which a per-channel scale would not scale"
+    # the same on the consumer side
+    plan, _ = consumers(Reads(lambda s, g: s.conv(F.pad(g, (1, 1, 1, 1), value=-1.0)), conv=conv()), IMG)
+    assert refused(plan) == "'pad': pad pads with the constant -1.0, which a per-channel scale would not scale"
+    plan, _ = consumers(Reads(lambda s, g: s.conv(F.pad(g, (1, 1, 1, 1))), conv=conv()), IMG)
+    assert targets(plan)[0][:2] == ("conv", "conv")
+
+
+def test_a_shift_passes_padding_that_copies_values_in_every_spelling():
+    def shift_through(body, **layers):
+        plan, _ = producer(Gated(body, shift=True, conv=conv(), **layers), IMG)
+        return plan.reason or [t[0] for t in targets(plan)]
+
+    for pad in (nn.ReflectionPad2d(1), nn.ReplicationPad2d(1), nn.CircularPad2d(1)):
+        assert shift_through(lambda s, x: s.pad(s.conv(x)), pad=pad) == ["conv"], pad
+    for pad in (nn.ZeroPad2d(1), nn.ConstantPad2d(1, 0.5)):
+        assert shift_through(lambda s, x: s.pad(s.conv(x)), pad=pad) == \
+            "'pad': pad pads with constants that are not shifted", pad
+    assert shift_through(lambda s, x: torch.ops.aten.pad.default(s.conv(x), [1, 1, 1, 1], "reflect")) == ["conv"]
+    assert shift_through(lambda s, x: torch.ops.aten.pad.default(s.conv(x), [1, 1, 1, 1])) == \
+        "'pad_default': pad pads with constants that are not shifted"
+    assert shift_through(lambda s, x: torch.ops.aten.reflection_pad2d.default(s.conv(x), [1, 1, 1, 1])) == ["conv"]
+    assert shift_through(lambda s, x: torch.ops.aten.replication_pad2d.default(s.conv(x), [1, 1, 1, 1])) == ["conv"]
+    assert shift_through(lambda s, x: torch.ops.aten.constant_pad_nd.default(s.conv(x), [1, 1, 1, 1])) == \
+        "'constant_pad_nd_default': pad pads with constants that are not shifted"
+
+
+def test_a_shift_through_average_pooling_in_every_spelling():
+    def shift_through(body, **layers):
+        plan, _ = producer(Gated(body, shift=True, conv=conv(), **layers), IMG)
+        return plan.reason or [t[0] for t in targets(plan)]
+
+    padded = "averages padded zeros"
+    assert shift_through(lambda s, x: F.avg_pool2d(s.conv(x), 2, 2, 0, True)) == \
+        "'avg_pool2d': avg_pool uses ceil_mode (windows running past the border)"
+    assert shift_through(lambda s, x: F.avg_pool2d(s.conv(x), 3, 1, padding=1, count_include_pad=False)) == ["conv"]
+    assert shift_through(lambda s, x: F.avg_pool2d(s.conv(x), 3, 1, 1, False, True)) == f"'avg_pool2d': avg_pool {padded}"
+    assert shift_through(lambda s, x: F.avg_pool2d(s.conv(x), 2, divisor_override=3)) == \
+        "'avg_pool2d': avg_pool divides by a fixed divisor, not by the window's size"
+    assert shift_through(lambda s, x: F.avg_pool2d(s.conv(x), 2, 2, 0, False, True, 3)) == \
+        "'avg_pool2d': avg_pool divides by a fixed divisor, not by the window's size"
+    assert shift_through(lambda s, x: s.pool(s.conv(x)), pool=nn.AvgPool2d(2, ceil_mode=True)) == \
+        "'pool': avg_pool uses ceil_mode (windows running past the border)"
+    assert shift_through(lambda s, x: s.pool(s.conv(x)), pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False)) == \
+        ["conv"]
+    assert shift_through(lambda s, x: s.pool(s.conv(x)), pool=nn.AvgPool2d(2, divisor_override=3)) == \
+        "'pool': avg_pool divides by a fixed divisor, not by the window's size"
+    assert shift_through(lambda s, x: torch.ops.aten.avg_pool2d.default(s.conv(x), [3, 3], [1, 1], [1, 1])) == \
+        f"'avg_pool2d_default': avg_pool {padded}"
+    assert shift_through(lambda s, x: torch.ops.aten.avg_pool2d.default(s.conv(x), [2, 2], [2, 2])) == ["conv"]
