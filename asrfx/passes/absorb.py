@@ -233,11 +233,12 @@ class _Walk:
     def _parameter(self, node, span, through, non_negative) -> list[Target] | str:
         """A stored tensor on the path (a layer scale, a bias added in the graph, a gain inside a
         weight's computation) takes the gate along the axis where it is full-size."""
-        if self.modules.reads.get(str(node.target), 0) != 1:
+        if self.modules.reads[str(node.target)] != 1:
             return f"parameter '{node.target}' is read elsewhere too"
+        # every way here keeps the gated axis's size (broadcast operands are refused before)
         width = _width(node, span.axis)
-        if width is None or width == 1 and span.stop - span.start > 1:
-            return f"parameter '{node.target}' is shared across the gated axis"
+        if width is None:
+            return f"parameter '{node.target}' has no shape information"
         return [Target(node, "parameter", "output", span, width, through, non_negative, ())]
 
     def _back_sum(self, node, name, span, through, non_negative) -> list[Target] | str:
@@ -539,8 +540,7 @@ def _map_back(node: fx.Node, name: str, span: Span, modules, readers) -> tuple[f
         return src, span
     if rule.axes is Axes.REARRANGE:
         order = axis_order(node, name, len(in_shape))
-        axis = order[span.axis] if order is not None else (
-            span.axis if name == "contiguous" else _matching_axis(out_shape, in_shape, span.axis))
+        axis = order[span.axis] if order is not None else _matching_axis(out_shape, in_shape, span.axis)
         return (src, span.moved(axis=axis)) if axis is not None else (None, "splits or merges the gated axis")
     if rule.axes is Axes.REDUCE:
         dims = argument(node, 1, "dim")
@@ -559,7 +559,7 @@ def _map_back(node: fx.Node, name: str, span: Span, modules, readers) -> tuple[f
     if name == "getitem":
         terms = _index_terms(node, len(in_shape))
         if terms is None:
-            return None, "indexes with tensors"
+            return None, "indexes with tensors or lists"
         kept = [(axis, term) for axis, term in terms if not isinstance(term, int)]
         in_axis, term = kept[span.axis]
         if in_axis is None:
@@ -608,7 +608,7 @@ def _map_forward(src: fx.Node, node: fx.Node, name: str, span: Span) -> Span | N
     in_shape, out_shape = node_shape(src), node_shape(node)
     if in_shape is None or out_shape is None:
         return "has no shape information"
-    if node.args[0] is not src:
+    if not node.args or node.args[0] is not src:  # by keyword (input=...), or as another operand
         return "reads the gated tensor in another place than its input"
     rule = COMMUTE[name]
     if rule.axes is Axes.SAME:
@@ -619,7 +619,7 @@ def _map_forward(src: fx.Node, node: fx.Node, name: str, span: Span) -> Span | N
         order = axis_order(node, name, len(in_shape))
         if order is not None:
             return span.moved(axis=order.index(span.axis))
-        axis = span.axis if name == "contiguous" else _matching_axis(in_shape, out_shape, span.axis)
+        axis = _matching_axis(in_shape, out_shape, span.axis)
         return span.moved(axis=axis) if axis is not None else "reduces or splits the gated axis"
     if rule.axes is Axes.REDUCE:
         dims = argument(node, 1, "dim")
@@ -633,7 +633,7 @@ def _map_forward(src: fx.Node, node: fx.Node, name: str, span: Span) -> Span | N
     if name == "getitem":
         terms = _index_terms(node, len(in_shape))
         if terms is None:
-            return "indexes with tensors"
+            return "indexes with tensors or lists"
         out_axis = 0
         for in_axis, term in terms:
             if in_axis == span.axis:

@@ -465,7 +465,7 @@ def test_a_new_axis_or_a_tensor_index():
             return self.conv(x)[:, self.idx] * self.v
 
     plan, _ = producer(M(), IMG)
-    assert refused(plan) == "'getitem' (getitem) indexes with tensors"
+    assert refused(plan) == "'getitem' (getitem) indexes with tensors or lists"
 
 
 def test_narrow_and_aten_slice_carry_the_offset():
@@ -1129,6 +1129,9 @@ def test_consumer_side_aten_slices_and_keyword_narrow():
     plan, _ = consumers(Reads(lambda s, g: s.conv(torch.ops.aten.slice.Tensor(g, dim=1, start=1, end=3)),
                               conv=nn.Conv2d(2, 4, 1)), IMG)
     assert targets(plan)[0][3:5] == (Span(1, 1, 3, 0), 2)
+    plan, _ = consumers(Reads(lambda s, g: s.conv(torch.ops.aten.slice.Tensor(g, dim=1, start=0, end=2)),
+                              conv=nn.Conv2d(2, 4, 1)), IMG)
+    assert targets(plan)[0][3:5] == (Span(1, 0, 2, 0), 2)
     plan, _ = consumers(Reads(lambda s, g: s.conv(g.narrow(dim=1, start=-2, length=2)), conv=nn.Conv2d(2, 4, 1)), IMG)
     assert targets(plan)[0][3:5] == (Span(1, 1, 3, 0), 2)
 
@@ -1317,3 +1320,178 @@ def test_a_shift_through_average_pooling_in_every_spelling():
     assert shift_through(lambda s, x: torch.ops.aten.avg_pool2d.default(s.conv(x), [3, 3], [1, 1], [1, 1])) == \
         f"'avg_pool2d_default': avg_pool {padded}"
     assert shift_through(lambda s, x: torch.ops.aten.avg_pool2d.default(s.conv(x), [2, 2], [2, 2])) == ["conv"]
+
+
+# -- the consumer walk's arguments, and sums with numbers and broadcast parameters ---------------
+
+
+def test_consumer_reductions_by_keyword_and_keepdim():
+    class Seq(nn.Module):  # [N, L, C], gate on C
+        def __init__(self, read):
+            super().__init__()
+            self.fc, self.read, self.v = nn.Linear(6, 4), read, nn.Parameter(torch.rand(1, 1, 6))
+
+        def forward(self, x):
+            return self.read(self, x * self.v)
+
+    # [N, L, C] -> [N, 1, C]: the gated axis stays axis 2
+    for read in (lambda s, g: s.fc(g.mean(1, keepdim=True)), lambda s, g: s.fc(g.mean(dim=1, keepdim=True)),
+                 lambda s, g: s.fc(g.mean(1, True))):
+        plan, _ = consumers(Seq(read), SEQ, axes=2)
+        assert targets(plan)[0][:4] == ("fc", "linear", "input", Span(2, 0, 6, 0))
+    # [N, L, C] -> [N, 1, L, C]: it moves to axis 3
+    plan, _ = consumers(Seq(lambda s, g: s.fc(g.unsqueeze(1))), SEQ, axes=2)
+    assert targets(plan)[0][:4] == ("fc", "linear", "input", Span(3, 0, 6, 0))
+    plan, _ = consumers(Seq(lambda s, g: g.mean()), SEQ, axes=2)
+    assert refused(plan) == "'mean' (mean) reduces every axis"
+    plan, _ = consumers(Seq(lambda s, g: s.fc(F.adaptive_avg_pool1d(g, 3).repeat(1, 1, 2))), SEQ, axes=2)
+    assert refused(plan) == "'adaptive_avg_pool1d' (adaptive_avg_pool) changes the size of the gated axis"
+
+
+def test_consumers_reading_by_keyword_or_without_shapes():
+    gm, modules = _graph(Reads(lambda s, g: s.conv(F.dropout(g, p=0.0, training=False)), conv=conv()), IMG)
+    dropout = next(n for n in gm.graph.nodes if n.name == "dropout")
+    dropout.kwargs, dropout.args = {"input": dropout.args[0], **dropout.kwargs}, ()  # a tracer that keeps keywords
+    plan = plan_consumers(_combine(gm), 1, "mul", _sign(True), modules)
+    assert refused(plan) == "'dropout' (dropout) reads the gated tensor in another place than its input"
+    gm, modules = _graph(Gated(lambda s, x: F.interpolate(s.conv(x), scale_factor=2.0), conv=conv()), IMG)
+    resize = next(n for n in gm.graph.nodes if n.name == "interpolate")
+    resize.kwargs, resize.args = {"input": resize.args[0], **resize.kwargs}, ()
+    combine = _combine(gm)
+    plan = plan_producer(combine.args[0], combine, 1, "mul", _sign(True), modules)
+    assert refused(plan) == "'interpolate' (interpolate) has no tensor input"
+    gm, modules = _graph(Reads(lambda s, g: s.conv(F.relu(g)), conv=conv()), IMG)
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    del relu.meta["tensor_meta"]
+    plan = plan_consumers(_combine(gm), 1, "mul", _sign(True), modules)
+    assert refused(plan) == "'relu' (relu) has no shape information"
+    gm, modules = _graph(Gated(lambda s, x: F.relu(s.conv(x)), conv=conv()), IMG)
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    del relu.meta["tensor_meta"]
+    combine = _combine(gm)
+    plan = plan_producer(combine.args[0], combine, 1, "mul", _sign(True), modules)
+    assert refused(plan) == "'relu' (relu) has no shape information"
+
+
+def test_consumer_cuts_of_other_axes_and_tensor_indexes():
+    plan, _ = consumers(Reads(lambda s, g: s.conv(g.narrow(2, 1, 4)), conv=conv()), IMG)
+    assert targets(plan)[0][3:5] == (Span(1, 0, 3, 0), 3)
+    plan, _ = consumers(Reads(lambda s, g: s.conv(torch.ops.aten.slice.Tensor(g, 1, 0, 3, 2)), conv=nn.Conv2d(2, 4, 1)),
+                        IMG)
+    assert refused(plan) == "'slice_tensor' (slice) cuts with steps or arguments computed at run time"
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.v = nn.Conv2d(2, 4, 1), nn.Parameter(torch.rand(1, 3, 1, 1))
+            self.register_buffer("idx", torch.tensor([0, 2]))
+
+        def forward(self, x):
+            return self.conv((x * self.v)[:, self.idx])
+
+    plan, _ = consumers(M(), IMG)
+    assert refused(plan) == "'getitem' (getitem) indexes with tensors or lists"
+
+
+def test_consumer_pieces_by_keyword_default_and_empty():
+    class Pieces(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how, self.fc = how, nn.Linear(5, 4)
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.v = nn.Parameter(torch.rand(1, 3, 1, 1) if how not in ("unbind2", "unbind0") else torch.rand(1, 3, 1))
+
+        def forward(self, x):
+            if self.how == "unbind2":  # [N, C, L] unbound along L: each piece [N, C]
+                return nn.functional.linear(torch.unbind(x * self.v, dim=2)[0], torch.ones(4, 3))
+            if self.how == "unbind0":  # along N by default: each piece [C, L]
+                return self.fc(torch.unbind(x * self.v)[0])
+            g = x * self.v
+            if self.how == "batch":  # along N: each piece keeps the gate on axis 1
+                a, b = torch.split(g, 1)
+            elif self.how == "keyword":
+                a, b = torch.split(g, [1, 2], dim=1)
+                return nn.functional.conv2d(a, torch.ones(4, 1, 1, 1)), nn.functional.conv2d(b, torch.ones(4, 2, 1, 1))
+            else:  # cat then split: the first piece holds none of the gate
+                a, b = torch.split(torch.cat([self.a(x), g], 1), [4, 3], 1)
+                return nn.functional.conv2d(a, torch.ones(2, 4, 1, 1)), self.b(b)
+            return self.a(a), self.b(b)
+
+    plan, _ = consumers(Pieces("batch"), IMG)
+    assert [t[:4] for t in targets(plan)] == [("a", "conv", "input", Span(1, 0, 3, 0)),
+                                              ("b", "conv", "input", Span(1, 0, 3, 0))]
+    plan, _ = consumers(Pieces("keyword"), IMG)
+    assert [t[3] for t in targets(plan)] == [Span(1, 0, 1, 0), Span(1, 1, 3, 0)]
+    plan, _ = consumers(Pieces("empty"), IMG)  # the first piece sees none of the gate; the second all of it
+    assert [t[:4] for t in targets(plan)] == [("b", "conv", "input", Span(1, 0, 3, 0))]
+    plan, _ = consumers(Pieces("unbind2"), (2, 3, 5), axes=1)
+    assert targets(plan)[0][1:4] == ("linear", "input", Span(1, 0, 3, 0))
+    plan, _ = consumers(Pieces("unbind0"), (2, 3, 5), axes=1)
+    assert refused(plan) == "'fc' (Linear): it reads channels on another axis (1) than the gate's (0)"
+
+
+def test_a_shift_into_a_consumer_without_bias_goes_to_the_batchnorm_after_it():
+    plan, _ = consumers(Reads(lambda s, g: s.bn(s.fc(g)), shift=True, v_shape=(1, 6), fc=nn.Linear(6, 4, bias=False),
+                              bn=nn.BatchNorm1d(4).eval()), (2, 6))
+    assert targets(plan) == [("fc", "linear", "input", Span(1, 0, 6, 0), 6, (), False, ("bias",), "bn")]
+    # a scale needs no bias: nothing goes to the BatchNorm
+    plan, _ = consumers(Reads(lambda s, g: s.bn(s.conv(g)), conv=conv(bias=False), bn=bn()), IMG)
+    assert targets(plan)[0][-1] is None
+
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.gain = nn.Parameter(torch.rand(4, 3, 1, 1)), nn.Parameter(torch.rand(4, 1, 1, 1))
+            self.v = nn.Parameter(torch.rand(1, 3, 1, 1))
+
+        def forward(self, x):
+            return F.conv2d(x * self.v, self.w * self.gain)
+
+    plan, _ = consumers(Computed(), IMG)
+    assert refused(plan) == "'conv2d' (conv) computes its weight in the graph"
+
+
+def test_sums_with_integer_constants_and_broadcast_bias_parameters():
+    plan, _ = producer(Gated(lambda s, x: s.a(x) + 1, a=conv()), IMG)
+    assert refused(plan) == "'add' adds the constant 1, which a per-channel scale would change"
+    plan, _ = producer(Gated(lambda s, x: s.a(x) + 1.0, a=conv()), IMG)
+    assert refused(plan) == "'add' adds the constant 1.0, which a per-channel scale would change"
+    plan, _ = producer(Gated(lambda s, x: 1.0 - s.a(x), shift=True, a=conv()), IMG)
+    assert refused(plan) == "no branch of 'sub' can take the shift"
+
+    class Bias(nn.Module):  # [N, L, C] + a bias of shape [C]: the bias's axis 0 is the gated axis 2
+        def __init__(self):
+            super().__init__()
+            self.fc, self.b = nn.Linear(6, 6, bias=False), nn.Parameter(torch.rand(6))
+            self.v = nn.Parameter(torch.rand(1, 1, 6))
+
+        def forward(self, x):
+            return (self.fc(x) + self.b) * self.v
+
+    plan, _ = producer(Bias(), SEQ, axes=2)
+    assert targets(plan) == [
+        ("fc", "linear", "output", Span(2, 0, 6, 0), 6, ("add",), False, ("weight", "bias"), None),
+        ("b", "parameter", "output", Span(0, 0, 6, 0), 6, ("add",), False, (), None)]
+
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.v = conv(), conv(), nn.Parameter(torch.rand(1, 6, 1, 1))
+
+        def forward(self, x):
+            y = self.a(x)
+            return (y + torch.sigmoid(self.b(x))) + self.v, y
+
+    plan, _ = producer(Shift(), IMG)
+    assert refused(plan) == "no branch of 'add' can take the shift: x is a sum ('add'), and its branch 'a' is also read elsewhere"
+
+
+def test_a_concatenation_of_three_places_each_part():
+    body = lambda s, x: torch.cat([s.a(x), s.b(x), s.c(x)], 1)  # noqa: E731
+    plan, _ = producer(Gated(body, a=conv(3, 2), b=conv(3, 3), c=conv(3, 1)), IMG)
+    assert [t[3:5] for t in targets(plan)] == [(Span(1, 0, 2, 0), 2), (Span(1, 2, 5, 0), 3), (Span(1, 5, 6, 0), 1)]
+
+
+def test_an_index_by_a_list_is_not_a_cut():
+    plan, _ = producer(Gated(lambda s, x: s.conv(x)[:, [0, 2, 4]], v_shape=(1, 3, 1, 1), conv=conv()), IMG)
+    assert refused(plan) == "'getitem' (getitem) indexes with tensors or lists"
