@@ -10,6 +10,7 @@ wrong op, or refuses for the wrong reason fails even where the fused model would
 
 from __future__ import annotations
 
+import operator
 from types import SimpleNamespace
 
 import torch
@@ -41,18 +42,21 @@ def _sign(known):
     return lambda start, stop: known
 
 
-def producer(module, *shapes, known=True, optimistic=False, axes=1):
+def _plan(module, shapes, side, known, optimistic, axes):
     gm, modules = _graph(module, *shapes)
     combine = _combine(gm)
-    op = "add" if combine.target in (torch.add, __import__("operator").add) else "mul"
-    return plan_producer(combine.args[0], combine, axes, op, _sign(known), modules, optimistic=optimistic), modules
+    op = "add" if combine.target in (torch.add, operator.add) else "mul"
+    if side == "producer":
+        return plan_producer(combine.args[0], combine, axes, op, _sign(known), modules, optimistic=optimistic), modules
+    return plan_consumers(combine, axes, op, _sign(known), modules, optimistic=optimistic), modules
+
+
+def producer(module, *shapes, known=True, optimistic=False, axes=1):
+    return _plan(module, shapes, "producer", known, optimistic, axes)
 
 
 def consumers(module, *shapes, known=True, optimistic=False, axes=1):
-    gm, modules = _graph(module, *shapes)
-    combine = _combine(gm)
-    op = "add" if combine.target in (torch.add, __import__("operator").add) else "mul"
-    return plan_consumers(combine, axes, op, _sign(known), modules, optimistic=optimistic), modules
+    return _plan(module, shapes, "consumers", known, optimistic, axes)
 
 
 def targets(plan):
@@ -67,34 +71,29 @@ def refused(plan) -> str:
     return plan.reason
 
 
-class Gated(nn.Module):
-    """``body(x) (*|+) v``; ``body`` is a function of (self, x), layers as keyword modules."""
+class Gate(nn.Module):
+    """``after(self, before(self, x) (*|+) v)``; layers as keyword modules."""
 
-    def __init__(self, body, v_shape=(1, 6, 1, 1), shift=False, **layers):
+    def __init__(self, before, after, v_shape, shift=False, **layers):
         super().__init__()
-        self.body, self.shift = body, shift
+        self.before, self.after, self.shift = before, after, shift
         for name, layer in layers.items():
             setattr(self, name, layer)
         self.v = nn.Parameter(torch.rand(v_shape))
 
     def forward(self, x):
-        y = self.body(self, x)
-        return y + self.v if self.shift else y * self.v
+        y = self.before(self, x)
+        return self.after(self, y + self.v if self.shift else y * self.v)
 
 
-class Reads(nn.Module):
-    """``g = x (*|+) v`` then ``read(self, g)``."""
+def Gated(body, v_shape=(1, 6, 1, 1), **kw):  # noqa: N802  (reads like the class it builds)
+    """``body(x) (*|+) v``: the gate's producer side."""
+    return Gate(body, lambda s, g: g, v_shape, **kw)
 
-    def __init__(self, read, v_shape=(1, 3, 1, 1), shift=False, **layers):
-        super().__init__()
-        self.read, self.shift = read, shift
-        for name, layer in layers.items():
-            setattr(self, name, layer)
-        self.v = nn.Parameter(torch.rand(v_shape))
 
-    def forward(self, x):
-        g = x + self.v if self.shift else x * self.v
-        return self.read(self, g)
+def Reads(read, v_shape=(1, 3, 1, 1), **kw):  # noqa: N802
+    """``read(x (*|+) v)``: the gate's consumer side."""
+    return Gate(lambda s, x: x, read, v_shape, **kw)
 
 
 IMG = (2, 3, 8, 8)
@@ -287,16 +286,8 @@ def test_a_parameter_added_in_the_graph_takes_its_share_of_the_scale():
 
 
 def test_a_broadcast_operand_does_not_stop_a_shift():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = conv(), nn.Parameter(torch.rand(1, 1, 1, 1))
-            self.v = nn.Parameter(torch.rand(1, 6, 1, 1))
-
-        def forward(self, x):
-            return (self.b + self.a(x)) + self.v
-
-    plan, _ = producer(M(), IMG)
+    plan, _ = producer(Gated(lambda s, x: s.b + s.a(x), shift=True, a=conv(), b=nn.Parameter(torch.rand(1, 1, 1, 1))),
+                       IMG)
     assert [t[0] for t in targets(plan)] == ["a"]
 
 
@@ -399,16 +390,7 @@ def test_a_product_of_two_data_factors():
 
 
 def test_a_factor_broadcast_along_the_gated_axis_is_not_offered():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.s = conv(), nn.Parameter(torch.rand(1, 1, 1, 1))
-            self.v = nn.Parameter(torch.rand(1, 6, 1, 1))
-
-        def forward(self, x):
-            return self.s * self.conv(x) * self.v
-
-    plan, _ = producer(M(), IMG)
+    plan, _ = producer(Gated(lambda s, x: s.s * s.conv(x), conv=conv(), s=nn.Parameter(torch.rand(1, 1, 1, 1))), IMG)
     assert [t[0] for t in targets(plan)] == ["conv"]
 
 
