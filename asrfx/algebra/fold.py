@@ -59,6 +59,9 @@ def _in_float64(*results: tuple[str, ...]):
             return outs if isinstance(out, tuple) else outs[0]
 
         run.__name__ = run.__qualname__ = fn.__name__.lstrip("_")  # the public name: fx code and pickles find it
+        # the same math in the arguments' own dtype, for a layer that applies it at every training
+        # step (autograd through it): float64 copies there would only cost casts, forward and backward
+        run.in_dtype = fn
         return run
 
     return wrap

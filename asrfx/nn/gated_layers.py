@@ -43,11 +43,14 @@ class WeightGated:
         new.gate_side = side
         return new
 
-    def gated_parameters(self, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) with the gate inside."""
+    def gated_parameters(self, gate: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) with the gate inside: in the parameters' dtype while training (``exact``
+        False), computed in float64 for the deployed layer (``exact``)."""
+        scale = fold_input_scale if exact else fold_input_scale.in_dtype
+        affine = fold_output_affine if exact else fold_output_affine.in_dtype
         if self.gate_side == "input":
-            return fold_input_scale(self.weight, gate.reshape(-1), getattr(self, "groups", 1)), self.bias
-        return fold_output_affine(self.weight, self.bias, gate.reshape(-1))
+            return scale(self.weight, gate.reshape(-1), getattr(self, "groups", 1)), self.bias
+        return affine(self.weight, self.bias, gate.reshape(-1))
 
     def folded(self, gate: torch.Tensor) -> nn.Module:
         """The plain layer computing ``self(x, gate)`` for this constant gate (same parameter names)."""
@@ -58,7 +61,7 @@ class WeightGated:
         plain._buffers = dict(self._buffers)
         plain._modules = dict(self._modules)
         with torch.no_grad():
-            weight, bias = self.gated_parameters(gate.to(self.weight.dtype))
+            weight, bias = self.gated_parameters(gate.to(self.weight.dtype), exact=True)
         plain.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
         if bias is not None and bias is not self.bias:
             plain.bias = nn.Parameter(bias.detach().clone(), requires_grad=self.bias.requires_grad)

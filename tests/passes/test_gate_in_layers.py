@@ -103,6 +103,24 @@ def test_a_gated_layer_names_its_side():
     assert "gate on the input channels" in repr(GatedConv2d.take_over(nn.Conv2d(2, 2, 1), "input"))
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_a_gated_layer_trains_in_its_own_dtype(side):
+    """Every training step multiplies the weight by the gate: in the weight's dtype, no float64
+    copies forward or backward (the deployed layer's fold, once, is computed in float64)."""
+    layer = GatedConv2d.take_over(nn.Conv2d(3, 4, 1), side)
+    gate = torch.rand(3 if side == "input" else 4, requires_grad=True)
+    out = layer(torch.randn(2, 3, 5, 5), gate)
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert not any("ToCopy" in type(fn).__name__ for fn in seen), sorted({type(fn).__name__ for fn in seen})
+    out.sum().backward()
+    assert gate.grad is not None and gate.grad.dtype == torch.float32
+
+
 # -- convert's fast path ------------------------------------------------------------
 
 
