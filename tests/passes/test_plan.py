@@ -1477,3 +1477,75 @@ def test_a_concatenation_of_three_places_each_part():
 def test_an_index_by_a_list_is_not_a_cut():
     plan, _ = producer(Gated(lambda s, x: s.conv(x)[:, [0, 2, 4]], v_shape=(1, 3, 1, 1), conv=conv()), IMG)
     assert refused(plan) == "'getitem' (getitem) indexes with tensors or lists"
+
+
+def test_consumer_concatenations_of_three_and_by_default_along_the_batch():
+    class M(nn.Module):
+        def __init__(self, where):
+            super().__init__()
+            self.a, self.b, self.where = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 1, 1), where
+            self.conv = nn.Conv2d(6, 4, 1) if where != "batch" else nn.Conv2d(3, 4, 1)
+            self.v = nn.Parameter(torch.rand(1, 3, 1, 1))
+
+        def forward(self, x):
+            g = x * self.v
+            if self.where == "batch":
+                return self.conv(torch.cat([g, x]))
+            return self.conv(torch.cat([self.a(x), self.b(x), g], 1))
+
+    plan, _ = consumers(M("last"), IMG)  # after 2 + 1 other channels
+    assert targets(plan)[0][3:5] == (Span(1, 0, 3, 3), 6)
+    plan, _ = consumers(M("batch"), IMG)
+    assert refused(plan) == "'cat' concatenates the gated tensor with others along axis 0, not along the gated axis 1"
+
+
+def test_consumer_pieces_of_aten_split_with_sizes():
+    class M(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.dim, self.a, self.b = dim, nn.Conv2d(1 if dim else 3, 4, 1), nn.Conv2d(2 if dim else 3, 4, 1)
+            self.v = nn.Parameter(torch.rand(1, 3, 1, 1))
+
+        def forward(self, x):
+            g = x * self.v
+            if self.dim:
+                pieces = torch.ops.aten.split_with_sizes.default(g, [1, 2], 1)
+            else:  # along the batch, by default
+                pieces = torch.ops.aten.split_with_sizes.default(g, [1, 1])
+            return self.a(pieces[0]), self.b(pieces[1])
+
+    plan, _ = consumers(M(1), IMG)
+    assert [t[3] for t in targets(plan)] == [Span(1, 0, 1, 0), Span(1, 1, 3, 0)]
+    plan, _ = consumers(M(0), IMG)
+    assert [t[3] for t in targets(plan)] == [Span(1, 0, 3, 0), Span(1, 0, 3, 0)]
+
+
+def test_a_product_that_adds_axes_moves_the_gated_axis():
+    class M(nn.Module):  # an unbatched [C, H, W] gated tensor times a batch [N, C, H, W]
+        def __init__(self):
+            super().__init__()
+            self.conv, self.v = nn.Conv2d(3, 4, 1), nn.Parameter(torch.rand(3, 1, 1))
+            self.register_buffer("y", torch.rand(2, 3, 8, 8))
+
+        def forward(self, x):
+            return self.conv((x * self.v) * self.y)
+
+    plan, _ = consumers(M(), (3, 8, 8), axes=0)
+    assert targets(plan)[0][:4] == ("conv", "conv", "input", Span(1, 0, 3, 0))
+
+
+def test_producer_reductions_with_keepdim_and_over_every_axis():
+    for body in (lambda s, x: s.fc(x).mean(1, keepdim=True), lambda s, x: s.fc(x).mean(1, True)):
+        plan, _ = producer(Gated(body, v_shape=(1, 1, 6), fc=nn.Linear(6, 6)), SEQ, axes=2)
+        assert targets(plan)[0][:4] == ("fc", "linear", "output", Span(2, 0, 6, 0))
+    plan, _ = producer(Gated(lambda s, x: s.conv(x).mean(dim=None, keepdim=True), v_shape=(1, 1, 1, 1), conv=conv()),
+                       IMG)
+    assert refused(plan) == "'mean' (mean) reduces every axis"
+
+
+def test_a_gated_tensor_nothing_reads():
+    gm, modules = _graph(Reads(lambda s, g: g), IMG)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (next(n for n in gm.graph.nodes if n.op == "placeholder"),)  # the gate's result is dead
+    plan = plan_consumers(_combine(gm), 1, "mul", _sign(True), modules)
+    assert refused(plan) == "nothing reads 'mul'"
