@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -47,8 +48,11 @@ def _plan(module, shapes, side, known, optimistic, axes):
     combine = _combine(gm)
     op = "add" if combine.target in (torch.add, operator.add) else "mul"
     if side == "producer":
-        return plan_producer(combine.args[0], combine, axes, op, _sign(known), modules, optimistic=optimistic), modules
-    return plan_consumers(combine, axes, op, _sign(known), modules, optimistic=optimistic), modules
+        plan = plan_producer(combine.args[0], combine, axes, op, _sign(known), modules, optimistic=optimistic)
+    else:
+        plan = plan_consumers(combine, axes, op, _sign(known), modules, optimistic=optimistic)
+    assert plan.side == side  # a refusal says which side refused too
+    return plan, modules
 
 
 def producer(module, *shapes, known=True, optimistic=False, axes=1):
@@ -1549,3 +1553,166 @@ def test_a_gated_tensor_nothing_reads():
     out.args = (next(n for n in gm.graph.nodes if n.op == "placeholder"),)  # the gate's result is dead
     plan = plan_consumers(_combine(gm), 1, "mul", _sign(True), modules)
     assert refused(plan) == "nothing reads 'mul'"
+
+
+def test_the_sign_of_each_part_of_the_gate_is_what_passes_relu():
+    """A concatenation gives each input its entries of the gate; ReLU on one input asks the sign of
+    those entries only (value_sign over start:stop)."""
+    class M(nn.Module):
+        def __init__(self, relu_first):
+            super().__init__()
+            self.a, self.b, self.relu_first = conv(3, 4), conv(3, 2), relu_first
+            self.v = nn.Parameter(torch.ones(1, 6, 1, 1))
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            parts = [F.relu(a), b] if self.relu_first else [b, F.relu(a)]
+            return torch.cat(parts, 1) * self.v
+
+    for relu_first, vector in ((True, [1.0] * 4 + [-1.0] * 2), (False, [-1.0] * 2 + [1.0] * 4)):
+        gm, modules = _graph(M(relu_first), IMG)
+        combine = _combine(gm)
+        plan = plan_producer(combine.args[0], combine, 1, "mul", value_sign(torch.tensor(vector)), modules)
+        assert [t[:4] for t in targets(plan)] == ([("a", "conv", "output", Span(1, 0, 4, 0)),
+                                                   ("b", "conv", "output", Span(1, 4, 6, 0))] if relu_first else
+                                                  [("b", "conv", "output", Span(1, 0, 2, 0)),
+                                                   ("a", "conv", "output", Span(1, 2, 6, 0))]), relu_first
+
+
+def test_a_shift_through_an_op_needs_no_sign():
+    plan, _ = producer(Gated(lambda s, x: F.max_pool2d(s.conv(x), 2), shift=True, conv=conv()), IMG)
+    assert targets(plan)[0][5:7] == (("max_pool2d",), False)
+
+
+def test_optimism_and_ignored_readers_on_both_sides():
+    plan, _ = consumers(Reads(lambda s, g: s.conv(F.relu(g)), conv=conv()), IMG, known=None, optimistic=True)
+    assert targets(plan)[0][5:7] == (("relu",), True)
+    gm, modules = _graph(Reads(lambda s, g: s.conv(F.relu(g)), conv=conv()), IMG)
+    plan = plan_consumers(_combine(gm), 1, "mul", _sign(None), modules)  # not optimistic by default
+    assert refused(plan) == "'relu': relu commutes with a non-negative scale only, and the gate may be negative"
+
+    class Stat(nn.Module):  # x is also read by a statistic that the caller will remove (ignore)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head, self.v = conv(), nn.Conv2d(6, 4, 1), nn.Parameter(torch.rand(1, 6, 1, 1))
+
+        def forward(self, x):
+            y = self.conv(x)
+            g = y * self.v
+            return self.head(g), y.mean(), g.amax()
+
+    gm, modules = _graph(Stat(), IMG)
+    combine = _combine(gm)
+    stat = next(n for n in gm.graph.nodes if n.name == "mean")
+    peek = next(n for n in gm.graph.nodes if n.name == "amax")
+    assert refused(plan_producer(combine.args[0], combine, 1, "mul", _sign(True), modules)) == \
+        "'conv' is also read unscaled by 'mean'"
+    plan = plan_producer(combine.args[0], combine, 1, "mul", _sign(True), modules, ignore=frozenset({stat}))
+    assert [t[0] for t in targets(plan)] == ["conv"]
+    plan = plan_consumers(combine, 1, "mul", _sign(True), modules, ignore=frozenset({peek}))
+    assert [t[0] for t in targets(plan)] == ["head"]
+
+
+def test_no_layer_reads_the_gated_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.conv, self.v = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 4, 1), nn.Parameter(torch.rand(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.conv(torch.cat([x * self.v, self.a(x)], 1)[:, 3:])
+
+    plan, _ = consumers(M(), IMG)
+    assert refused(plan) == "no layer reads the gated tensor"
+
+
+def test_computed_weights_and_biases_of_a_producer():
+    class M(nn.Module):
+        def __init__(self, computed):
+            super().__init__()
+            self.w, self.g = nn.Parameter(torch.rand(6, 3, 3, 3)), nn.Parameter(torch.rand(6, 1, 1, 1))
+            self.b, self.k = nn.Parameter(torch.rand(6)), nn.Parameter(torch.rand(6))
+            self.wt = nn.Parameter(torch.rand(3, 6, 3, 3))
+            self.computed, self.v = computed, nn.Parameter(torch.rand(1, 6, 1, 1))
+
+        def forward(self, x):
+            if self.computed == "weight":
+                y = F.conv2d(x, self.w * self.g, self.b)
+            elif self.computed == "bias":
+                y = F.conv2d(x, self.w, self.b * self.k)
+            else:
+                y = F.conv_transpose2d(x, self.wt * 2.0)
+            return y * self.v
+
+    plan, _ = producer(M("weight"), IMG)
+    assert targets(plan) == [
+        ("conv2d", "conv", "output", Span(1, 0, 6, 0), 6, (), False, ("bias",), None),
+        ("w", "parameter", "output", Span(0, 0, 6, 0), 6, ("conv2d", "mul"), False, (), None)]
+    plan, _ = producer(M("bias"), IMG)
+    assert targets(plan) == [
+        ("conv2d", "conv", "output", Span(1, 0, 6, 0), 6, (), False, ("weight",), None),
+        ("b", "parameter", "output", Span(0, 0, 6, 0), 6, ("conv2d", "mul"), False, (), None)]
+    plan, _ = producer(M("transpose"), IMG)
+    assert refused(plan) == "'conv_transpose2d' (conv_transpose) computes its weight in the graph"
+
+
+@pytest.mark.parametrize("spelling", ["reshape", "view", "expand", "expand_as", "flatten", "unsqueeze", "squeeze",
+                                      "contiguous", "permute", "transpose"])
+def test_a_gate_is_known_non_negative_through_every_broadcast_spelling(spelling):
+    class G(nn.Module):
+        def forward(self, x):
+            e = torch.sigmoid(x.mean((2, 3), keepdim=True))  # [N, C, 1, 1]
+            return {"reshape": lambda: e.reshape(2, 3, 1, 1), "view": lambda: e.view(2, 3, 1, 1),
+                    "expand": lambda: e.expand(2, 3, 8, 8), "expand_as": lambda: e.expand_as(x),
+                    "flatten": lambda: e.flatten(1), "unsqueeze": lambda: e.unsqueeze(0),
+                    "squeeze": lambda: e.squeeze(-1), "contiguous": lambda: e.contiguous(),
+                    "permute": lambda: e.permute(0, 1, 3, 2), "transpose": lambda: e.transpose(2, 3)}[spelling]()
+
+    gm, modules = _graph(G(), IMG)
+    gate = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    assert static_sign(gate, modules)(0, 3) is True
+
+
+@pytest.mark.parametrize("how", ["plain", "alpha", "product", "twice"])
+def test_the_residual_gate_is_only_x_plus_x_times_the_gate(how):
+    gm, modules = _graph(_Residual(how), IMG)
+    combine = _combine(gm)
+    add = residual_add(combine.args[0], combine, modules)
+    assert (add is not None) == (how == "plain"), how
+
+
+class _Residual(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.v = how, nn.Parameter(torch.rand(1, 3, 1, 1))
+
+    def forward(self, x):
+        g = x * self.v
+        if self.how == "alpha":
+            return torch.add(x, g, alpha=2.0)  # x + 2 * x * v is not x * (1 + v)
+        if self.how == "product":
+            return x * g
+        if self.how == "twice":
+            return x + g, g
+        return x + g
+
+
+def test_describe_names_the_ops_worth_naming():
+    plan, modules = producer(Gated(lambda s, x: s.idn(s.conv(x)).contiguous(), conv=conv(), idn=nn.Identity()), IMG)
+    assert plan.describe(modules) == "Conv2d 'conv'"
+    body = lambda s, x: F.max_pool2d(F.relu(s.bn(s.conv(x))), 2)  # noqa: E731
+    plan, modules = producer(Gated(body, conv=conv(), bn=bn()), IMG)
+    assert plan.describe(modules) == "BatchNorm2d 'bn' through max_pool, relu (if the gate is non-negative)"
+
+
+def test_padding_arguments_by_keyword():
+    def shift_through(body):
+        plan, _ = producer(Gated(body, shift=True, conv=conv()), IMG)
+        return plan.reason or [t[0] for t in targets(plan)]
+
+    assert shift_through(lambda s, x: F.avg_pool2d(s.conv(x), 3, 1, padding=1)) == \
+        "'avg_pool2d': avg_pool averages padded zeros"
+    plan, _ = producer(Gated(lambda s, x: torch.ops.aten.constant_pad_nd.default(s.conv(x), [1, 1, 1, 1], value=2.0),
+                             conv=conv()), IMG)
+    assert refused(plan) == \
+        "'constant_pad_nd_default': pad pads with the constant 2.0, which a per-channel scale would not scale"
