@@ -14,8 +14,9 @@ Both call the model as ``model(*example_inputs, **example_kwargs)`` and keep tha
 convention and the model's output structure; both make the flags torch bakes from
 ``self.training`` follow ``.train()``/``.eval()`` (:func:`merge_training_graphs`).
 
-Shapes come from example inputs, propagated on a fake-tensor copy in eval mode:
-nothing is computed and the caller's modules, parameters and buffers are untouched.
+Shapes come from example inputs, propagated on meta tensors (graph/shapes.py), else on a
+fake-tensor copy in eval mode, else for real on a copy: the caller's modules, parameters and
+buffers are untouched. After a rewrite, :func:`repropagate_shapes` runs only what changed.
 """
 
 from __future__ import annotations
