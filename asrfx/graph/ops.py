@@ -23,6 +23,7 @@ __all__ = [
     "Op",
     "op_of",
     "module_op",
+    "pad_fill",
     "node_shape",
     "node_shapes",
     "is_tensor_node",
@@ -200,9 +201,33 @@ def op_of(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
     if not _is_torch_callable(target):
         return Op("function")
     # aten ops (exported programs) are named by their op, not the overload: aten.mul.Tensor -> "mul"
-    raw = target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
-    name, dims = _canonical(raw)
+    name, dims = _canonical(_raw_name(target))
     return Op(name, None, dims)
+
+
+def _raw_name(target: Any) -> str:
+    """A called function's own name; aten ops by their op, not the overload (aten.mul.Tensor -> "mul")."""
+    return target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+
+
+# How each spelling of padding fills the border; F.pad and aten.pad say it in their ``mode`` argument.
+_PAD_FILLS = (("reflection", "reflect"), ("replication", "replicate"), ("circular", "circular"),
+              ("constant", "constant"), ("zero", "constant"))
+_PAD_MODULE_FILLS = ((nn.modules.padding._ReflectionPadNd, "reflect"), (nn.modules.padding._ReplicationPadNd, "replicate"),
+                     (nn.modules.padding._CircularPadNd, "circular"), (nn.modules.padding._ConstantPadNd, "constant"))
+
+
+def pad_fill(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """How a padding node fills the border when its spelling says so: "constant" (ConstantPad2d,
+    ZeroPad2d, aten.constant_pad_nd), "reflect", "replicate" or "circular"; None when a ``mode``
+    argument says it (F.pad, aten.pad) or the node does not pad."""
+    op = op_of(node, modules)
+    if op.name != "pad":
+        return None
+    if op.module is not None:
+        return next((fill for cls, fill in _PAD_MODULE_FILLS if isinstance(op.module, cls)), None)
+    raw = _raw_name(node.target) if node.op == "call_function" else str(node.target)
+    return next((fill for key, fill in _PAD_FILLS if key in raw), None)
 
 
 def module_op(module: nn.Module | None) -> Op:

@@ -24,7 +24,7 @@ from torch import fx
 
 from ..algebra.rules import ABSORBERS, COMMUTE, Axes, Needs, input_absorbs, output_absorbs, scale_passes, shift_passes
 from ..graph.layers import LayerIndex, layer_of
-from ..graph.ops import argument, axis_order, data_readers, node_shape, node_shapes, op_of
+from ..graph.ops import argument, axis_order, data_readers, node_shape, node_shapes, op_of, pad_fill
 
 __all__ = ["Span", "Target", "Plan", "plan_producer", "plan_consumers", "Sign", "label_of"]
 
@@ -124,11 +124,6 @@ def _reads_once(value: fx.Node, node: fx.Node) -> bool:
     return len(seen) == 1
 
 
-# how padding layers and aten padding ops fill the border ("constant" pads with their ``value``)
-_PAD_MODES = (("reflection", "reflect"), ("replication", "replicate"), ("circular", "circular"),
-              ("zero", "constant"), ("constant", "constant"))
-
-
 def _op_args(node: fx.Node, modules) -> dict[str, Any]:
     """The arguments the rule table's conditions read: avg_pool's padding, ceil_mode,
     count_include_pad and divisor_override; pad's mode and value."""
@@ -141,15 +136,14 @@ def _op_args(node: fx.Node, modules) -> dict[str, Any]:
                 "count_include_pad": argument(node, 5, "count_include_pad", True),
                 "divisor_override": argument(node, 6, "divisor_override")}
     if op.name == "pad":
-        what = (type(op.module).__name__ if op.module is not None else str(node.target)).lower()
-        mode = next((m for key, m in _PAD_MODES if key in what), None)
+        fill = pad_fill(node, modules)
         if op.module is not None:  # ZeroPad2d, ConstantPad2d(value), ReflectionPad2d ...
-            return {"mode": mode or "constant", "value": getattr(op.module, "value", 0)}
-        if mode is not None and "constant_pad_nd" in what:  # aten.constant_pad_nd(x, pad, value=0)
-            return {"mode": "constant", "value": argument(node, 2, "value", 0)}
-        if mode is not None:  # aten.reflection_pad2d(x, pad) ...
-            return {"mode": mode}
-        return {"mode": argument(node, 2, "mode", "constant"), "value": argument(node, 3, "value")}
+            return {"mode": fill, "value": getattr(op.module, "value", 0)}
+        if fill is None:  # F.pad(x, pad, mode, value), aten.pad
+            return {"mode": argument(node, 2, "mode", "constant"), "value": argument(node, 3, "value")}
+        if fill == "constant":  # aten.constant_pad_nd(x, pad, value=0)
+            return {"mode": fill, "value": argument(node, 2, "value", 0)}
+        return {"mode": fill}  # aten.reflection_pad2d(x, pad) ...
     return {}
 
 

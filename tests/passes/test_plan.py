@@ -1269,7 +1269,10 @@ def test_a_shift_passes_padding_that_copies_values_in_every_spelling():
         plan, _ = producer(Gated(body, shift=True, conv=conv(), **layers), IMG)
         return plan.reason or [t[0] for t in targets(plan)]
 
-    for pad in (nn.ReflectionPad2d(1), nn.ReplicationPad2d(1), nn.CircularPad2d(1)):
+    class BorderPad(nn.ReflectionPad2d):  # a user's subclass: its kind, not its name, says how it pads
+        pass
+
+    for pad in (nn.ReflectionPad2d(1), nn.ReplicationPad2d(1), nn.CircularPad2d(1), BorderPad(1)):
         assert shift_through(lambda s, x: s.pad(s.conv(x)), pad=pad) == ["conv"], pad
     for pad in (nn.ZeroPad2d(1), nn.ConstantPad2d(1, 0.5)):
         assert shift_through(lambda s, x: s.pad(s.conv(x)), pad=pad) == \
