@@ -64,9 +64,7 @@ def _changed_lines(a: str, b: str) -> int:
 def summary(code: str) -> str:
     kernels = len(set(re.findall(r"cpp_fused_\w+", code)))
     externs = collections.Counter(re.findall(r"extern_kernels\.(\w+)", code))
-    frozen = len(re.findall(r"_frozen_param\d+|constant\d+", code))
-    return (f"{kernels} cpp kernels, externs {dict(sorted(externs.items()))}, {len(code.splitlines())} lines"
-            + (f", {frozen} constant references" if frozen else ""))
+    return f"{kernels} cpp kernels, externs {dict(sorted(externs.items()))}, {len(code.splitlines())} lines"
 
 
 def main() -> None:
